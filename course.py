@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""The course's one entry point. Needs only Python 3.10+ (standard library) to start.
+
+    python3 course.py lab          set up .venv if needed, then open the course in JupyterLab
+    python3 course.py test         set up .venv if needed, then run the whole test suite
+    python3 course.py execute [NB...]   re-execute notebooks in place (all lessons and solutions by default)
+    python3 course.py exercises    regenerate exercises/ (the student version) from solutions/
+    python3 course.py grade PATH   grade one submitted notebook or a folder of them
+    python3 course.py train        train every model of the tiny Stable Diffusion from scratch
+    python3 course.py bench        run every benchmark in benchmarks/
+    python3 course.py gpu          run the test suite and the benchmarks on CUDA
+
+Extra arguments after the command are passed on (to pytest, jupyter lab, the grader, ...).
+Setup installs the pinned, known-good package set (requirements/constraints.txt) into .venv.
+It installs torch==2.13.0 only when the environment has no torch yet; set COURSE_TORCH to another
+pip requirement (for example "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")
+to choose a different build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
+STAMP = VENV / ".course_stamp"
+DEFAULT_TORCH = "torch==2.13.0"
+
+
+def venv_python() -> Path:
+    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def run(cmd: list, **kwargs) -> int:
+    print("+", " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
+    return subprocess.call([str(c) for c in cmd], cwd=kwargs.pop("cwd", ROOT), **kwargs)
+
+
+def check(cmd: list) -> None:
+    code = run(cmd)
+    if code != 0:
+        sys.exit(f"course.py: command failed with exit code {code}: {' '.join(map(str, cmd))}")
+
+
+def setup_stamp() -> str:
+    h = hashlib.sha256()
+    for path in (ROOT / "pyproject.toml", CONSTRAINTS):
+        h.update(path.read_bytes())
+    h.update(os.environ.get("COURSE_TORCH", DEFAULT_TORCH).encode())
+    return h.hexdigest()
+
+
+def ensure_env() -> Path:
+    """Create .venv and install the course into it, unless it is already up to date."""
+    if sys.version_info < (3, 10):
+        sys.exit(f"course.py needs Python 3.10 or newer; this is {sys.version.split()[0]}")
+    py = venv_python()
+    if not py.exists():
+        print(f"Creating a virtual environment in {VENV} ...", flush=True)
+        check([sys.executable, "-m", "venv", VENV])
+    if STAMP.exists() and STAMP.read_text().strip() == setup_stamp():
+        return py
+    pip = [py, "-m", "pip", "install", "--disable-pip-version-check"]
+    has_torch = subprocess.call([str(py), "-c", "import torch"], stderr=subprocess.DEVNULL) == 0
+    if not has_torch:
+        # Installed on its own first so that no other requirement can pull in a different torch build.
+        check(pip + shlex.split(os.environ.get("COURSE_TORCH", DEFAULT_TORCH)))
+    check(pip + ["-c", CONSTRAINTS, "-e", ".[dev]"])
+    STAMP.write_text(setup_stamp())
+    return py
+
+
+def cmd_lab(args: list) -> int:
+    py = ensure_env()
+    return run([py, "-m", "jupyter", "lab", "--notebook-dir", ROOT, ROOT / "notebooks" / "00_welcome.ipynb", *args])
+
+
+def cmd_test(args: list) -> int:
+    py = ensure_env()
+    env = dict(os.environ, COURSE_PROGRESS="0", PYTHONHASHSEED="0")
+    # Two workers: one notebook kernel per worker; --dist loadscope keeps each notebook on one kernel.
+    workers = env.get("COURSE_TEST_WORKERS", "2")
+    xdist = [] if workers == "0" else ["-n", workers, "--dist", "loadscope"]
+    return run([py, "-m", "pytest", *xdist, *args], env=env)
+
+
+def cmd_module(module: str):
+    def runner(args: list) -> int:
+        py = ensure_env()
+        return run([py, "-m", module, *args])
+    return runner
+
+
+def cmd_bench(args: list) -> int:
+    py = ensure_env()
+    failures = 0
+    for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
+        failures += run([py, script, *args]) != 0
+    return 1 if failures else 0
+
+
+def cmd_gpu(args: list) -> int:
+    """The test suite and the benchmarks on CUDA (for a machine that has a GPU)."""
+    py = ensure_env()
+    ok = subprocess.call([str(py), "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"]) == 0
+    if not ok:
+        sys.exit("course.py gpu: CUDA is not available on this machine")
+    env = dict(os.environ, COURSE_DEVICE="cuda", COURSE_PROGRESS="0")
+    code = run([py, "-m", "pytest", "tests", "-m", "not browser", *args], env=env)
+    for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
+        code |= run([py, script], env=env)  # benchmarks pick the device from $COURSE_DEVICE
+    return code
+
+
+COMMANDS = {
+    "lab": cmd_lab,
+    "test": cmd_test,
+    "execute": cmd_module("course_lib.nbtools"),
+    "exercises": lambda args: cmd_module("course_lib.grading")(["generate", *args]),
+    "grade": lambda args: cmd_module("course_lib.grading")(["grade", *args]),
+    "train": cmd_module("course_lib.train"),
+    "bench": cmd_bench,
+    "gpu": cmd_gpu,
+    "setup": lambda args: (ensure_env(), 0)[1],
+}
+
+
+def main(argv: list) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        if argv and argv[0] not in ("-h", "--help", "help"):
+            print(f"unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}")
+            return 2
+        return 0
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
