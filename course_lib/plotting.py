@@ -54,7 +54,8 @@ def show_images(images: torch.Tensor, titles: Sequence[str] | None = None, nrow:
         raise ValueError(f"got {len(titles)} titles for {n} images")
     cols = min(nrow, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(scale * cols, scale * rows + (0.4 if title else 0)), squeeze=False)
+    row_height = scale * (1.45 if titles is not None else 1.0)  # room for titles of up to four lines
+    fig, axes = plt.subplots(rows, cols, figsize=(scale * cols, row_height * rows + (0.4 if title else 0)), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
