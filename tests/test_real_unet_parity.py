@@ -1,0 +1,165 @@
+"""The course's samplers and guidance, driving a real diffusers UNet2DConditionModel, give the same latents
+as StableDiffusionPipeline's own loop with the matching scheduler.
+
+The pipeline is built from tiny random components, as diffusers' own fast tests build theirs (a UNet,
+an AutoencoderKL, a CLIPTextModel, and a CLIPTokenizer read from a tiny vocabulary written to a temporary
+folder), and runs with output_type="latent". Nothing is downloaded.
+"""
+
+import json
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from course_lib.guidance import guided_model
+from course_lib.samplers import SAMPLERS, unet_model
+from course_lib.schedules import NoiseSchedule, make_timesteps, rescale_zero_terminal_snr, scaled_linear_betas, sd_schedule
+
+TOL = 1e-5
+SD_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                 steps_offset=1, set_alpha_to_one=False, clip_sample=False, trained_betas=None)
+MAX_LEN = 24  # the tokenizer's model_max_length (SD: 77)
+
+
+def tiny_tokenizer(folder):
+    """A CLIP BPE tokenizer over single letters (no merges), read from vocab.json + merges.txt."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for tok in list(letters) + [c + "</w>" for c in letters]:
+        vocab[tok] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=MAX_LEN)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors run fastest on one thread; more only wait on each other on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    torch.manual_seed(0)  # the random weights
+    tokenizer = tiny_tokenizer(tmp_path_factory.mktemp("tiny_clip_vocab"))
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=2, attention_head_dim=2,
+    )
+    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer.get_vocab()), hidden_size=16, intermediate_size=32, num_attention_heads=2,
+        num_hidden_layers=2, max_position_embeddings=MAX_LEN, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler.from_config(SD_CONFIG), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def embed(pipe, prompts):
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt")
+    return pipe.text_encoder(ids.input_ids)[0]  # (B, MAX_LEN, 16)
+
+
+# case -> (course sampler, diffusers scheduler class, extra scheduler config, course timesteps for N steps,
+#          extra course kwargs)
+CASES = {
+    "ddpm": ("ddpm", DDPMScheduler, {}, lambda n: make_timesteps(n), {}),
+    "ddim": ("ddim", DDIMScheduler, {}, lambda n: make_timesteps(n), {}),
+    "ddim_eta1": ("ddim", DDIMScheduler, {}, lambda n: make_timesteps(n), {"eta": 1.0}),
+    # Euler-type schedulers default to "linspace" spacing when SD's config does not say
+    "euler": ("euler", EulerDiscreteScheduler, {}, lambda n: make_timesteps(n, spacing="linspace", integer=False),
+              {"init_noise_sigma": "sigma_max"}),
+    "euler_ancestral": ("euler_ancestral", EulerAncestralDiscreteScheduler, {},
+                        lambda n: make_timesteps(n, spacing="linspace", integer=False), {"init_noise_sigma": "sigma_max"}),
+    "dpmpp_2m": ("dpmpp_2m", DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2},
+                 lambda n: make_timesteps(n, spacing="linspace", count_final_step=True), {}),
+    # Lin et al. 2023's recipe: zero-terminal-SNR betas, v-prediction, trailing timesteps
+    "ddim_v_zsnr_trailing": ("ddim", DDIMScheduler, dict(prediction_type="v_prediction", timestep_spacing="trailing",
+                                                         rescale_betas_zero_snr=True),
+                             lambda n: make_timesteps(n, spacing="trailing"), {}),
+}
+ZSNR = NoiseSchedule.from_betas(rescale_zero_terminal_snr(scaled_linear_betas()))
+PROMPTS = ["a red circle", "a blue square"]
+
+
+def run_both(pipe, case, num_steps, guidance_scale, negative_prompt=None, guidance_rescale=0.0, seed=0):
+    sampler, cls, config, make_ts, kwargs = CASES[case]
+    config = {**SD_CONFIG, **config}
+    pipe.scheduler = cls.from_config(config)
+    negative = None if negative_prompt is None else [negative_prompt] * len(PROMPTS)
+    ref = pipe(PROMPTS, negative_prompt=negative, num_inference_steps=num_steps, guidance_scale=guidance_scale,
+               guidance_rescale=guidance_rescale, eta=kwargs.get("eta", 0.0), height=16, width=16,
+               output_type="latent", generator=torch.Generator().manual_seed(seed)).images
+
+    # the course: the same text embeddings, the same noise, then its own sampler and guidance
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((2, 4, 8, 8), generator=g)  # the pipeline's first draw
+    cond = embed(pipe, PROMPTS)
+    uncond = embed(pipe, [negative_prompt or ""] * len(PROMPTS)) if guidance_scale != 1 else None
+    model = guided_model(unet_model(pipe.unet), cond, uncond, guidance_scale, guidance_rescale)
+    schedule = ZSNR if config.get("rescale_betas_zero_snr") else sd_schedule()
+    ours = SAMPLERS[sampler](model, noise, schedule, make_ts(num_steps), None,
+                             prediction_type=config.get("prediction_type", "epsilon"), generator=g, **kwargs)
+    return ours, ref
+
+
+@pytest.mark.parametrize("case", sorted(set(CASES) - {"ddim_v_zsnr_trailing"}))
+def test_pipeline_loop_with_cfg_and_negative_prompt(pipe, case):
+    ours, ref = run_both(pipe, case, num_steps=4, guidance_scale=7.5, negative_prompt="green square")
+    assert ours.shape == ref.shape == (2, 4, 8, 8)
+    assert (ours - ref).abs().max().item() <= TOL
+
+
+def test_one_step(pipe):
+    ours, ref = run_both(pipe, "dpmpp_2m", num_steps=1, guidance_scale=7.5)
+    assert (ours - ref).abs().max().item() <= TOL
+
+
+def test_no_guidance_runs_the_conditional_branch_only(pipe):
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        ours, ref = run_both(pipe, "euler_ancestral", num_steps=3, guidance_scale=1.0)
+    finally:
+        hook.remove()
+    assert calls == [2] * 6  # pipeline then course: batch 2 each time, no unconditional half
+    assert (ours - ref).abs().max().item() <= TOL
+
+
+def test_v_prediction_zero_snr_trailing_with_guidance_rescale(pipe):
+    """Lin et al. 2023's recipe end to end, with their guidance rescale of 0.7."""
+    ours, ref = run_both(pipe, "ddim_v_zsnr_trailing", num_steps=5, guidance_scale=7.5, guidance_rescale=0.7)
+    assert torch.isfinite(ours).all()
+    assert (ours - ref).abs().max().item() <= TOL
+
+
+def test_pipeline_ignores_guidance_scales_below_one(pipe):
+    """A diffusers quirk worth knowing: guidance_scale <= 1 switches CFG off, so 0.5 gives the same latents
+    as 1.0, while the course's formula at 0.5 mixes in the unconditional prediction."""
+    ours_one, ref_one = run_both(pipe, "ddim", num_steps=3, guidance_scale=1.0)
+    ref_half = pipe(PROMPTS, num_inference_steps=3, guidance_scale=0.5, height=16, width=16,
+                    output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(ref_half, ref_one)
+    assert (ours_one - ref_one).abs().max().item() <= TOL
+    ours_half, _ = run_both(pipe, "ddim", num_steps=3, guidance_scale=0.5, negative_prompt="")
+    assert (ours_half - ref_half).abs().max().item() > 1e-3
