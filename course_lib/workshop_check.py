@@ -71,9 +71,9 @@ STDERR_MIME = "application/vnd.jupyter.stderr"
 _EXCEPTION_LINE = re.compile(r"^\s*[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", re.MULTILINE)
 
 
-def available_lessons(lessons=LESSONS) -> list[LessonCheck]:
-    """The lessons of ``lessons`` whose notebook exists in this checkout."""
-    return [lesson for lesson in lessons if (ROOT / lesson.notebook).is_file()]
+def available_lessons(lessons: tuple[LessonCheck, ...] | None = None) -> list[LessonCheck]:
+    """The lessons of ``lessons`` (default: LESSONS) whose notebook exists in this checkout."""
+    return [lesson for lesson in (LESSONS if lessons is None else lessons) if (ROOT / lesson.notebook).is_file()]
 
 
 def find_chromium() -> str | None:
@@ -260,14 +260,22 @@ class LabServer:
                 proc.wait(timeout=10)
             except Exception:
                 pass
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if proc.poll() is not None:
-                break
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=5)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
+        if hasattr(os, "killpg"):  # the whole process group, also what the server left behind
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    break  # the group is empty
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+        elif proc.poll() is None:  # Windows: no process groups
+            proc.kill()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
         for child in children:
             try:
                 child.kill()
@@ -281,7 +289,11 @@ class LabServer:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> "LabServer":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.cleanup()
@@ -397,8 +409,12 @@ _JS_STATE = """() => {
   return {prompts, status: ind ? ind.getAttribute('data-status') : null};
 }"""
 
-_JS_STDERR = """() => [...document.querySelectorAll(
-    '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output[data-mime-type="%s"]')].map(e => e.innerText)""" % STDERR_MIME
+# Every stderr output (warnings, and error outputs, which JupyterLab renders with the same mime type) and its cell.
+_JS_STDERR = """() => {
+  const cells = [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell')];
+  return cells.flatMap((c, i) => [...c.querySelectorAll('.jp-OutputArea-output[data-mime-type="%s"]')]
+      .map(e => ({cell: i, text: e.innerText})));
+}""" % STDERR_MIME
 
 # The first image after the control, in the same cell's output area (a play() figure or an Output widget's).
 _JS_FIGURE_SRC = """(control) => {
@@ -503,9 +519,14 @@ def check_lesson(server: LabServer, browser: Browser, lesson: LessonCheck, deadl
         # and the kernel is idle.
         page.wait_for_function(
             f"() => ({_JS_STATE})().prompts.some(p => p !== null && p !== '[ ]:')", timeout=budget.ms(30))
-        page.wait_for_function(
-            f"() => {{ const s = ({_JS_STATE})(); return s.status === 'idle' && !s.prompts.includes('[*]:'); }}",
-            polling=250, timeout=budget.ms(240))
+        try:
+            page.wait_for_function(
+                f"() => {{ const s = ({_JS_STATE})(); return s.status === 'idle' && !s.prompts.includes('[*]:'); }}",
+                polling=250, timeout=budget.ms(240))
+        except Exception as e:
+            busy = [i + 1 for i, p in enumerate(page.evaluate(_JS_STATE)["prompts"]) if p == "[*]:"]
+            raise TimeoutError(f"cells {busy} were still running or queued after {time.monotonic() - start:.0f} s "
+                               f"({type(e).__name__})") from None
         page.wait_for_timeout(500)  # let the last outputs (images, widget views) render
 
         prompts = page.evaluate(_JS_STATE)["prompts"]
@@ -513,8 +534,13 @@ def check_lesson(server: LabServer, browser: Browser, lesson: LessonCheck, deadl
         sources = _cell_sources(server.root / lesson.notebook)
         report.not_run = [i for i, p in enumerate(prompts)
                           if p is not None and not re.fullmatch(r"\[\d+\]:", p) and sources[i].strip()]
-        for text in page.evaluate(_JS_STDERR):
-            (report.errors if is_error_text(text) else report.warnings).append(text)
+        error_cells = set()
+        for out_ in page.evaluate(_JS_STDERR):
+            if is_error_text(out_["text"]):
+                error_cells.add(out_["cell"])
+                report.errors.append(f"cell {out_['cell'] + 1}: {out_['text'].strip()}")
+            else:
+                report.warnings.append(f"cell {out_['cell'] + 1}: {out_['text'].strip()}")
         if page.get_by_text("Error displaying widget").count():
             report.problems.append("a widget shows 'Error displaying widget' (the widget extension did not load)")
         _shot(page, out / "1-run-all-end.png", report.screenshots, budget)  # where Run All leaves the learner
@@ -554,9 +580,9 @@ def check_lesson(server: LabServer, browser: Browser, lesson: LessonCheck, deadl
 
         # Save from the page (File > Save Notebook) and read the file: output_type "error" is exact.
         _menu(page, "File", "Save Notebook", budget)
-        for error in _saved_errors(server.root / lesson.notebook, budget):
-            if not any(error.splitlines()[0] in e for e in report.errors):
-                report.errors.append(error)
+        for cell, error in _saved_errors(server.root / lesson.notebook, budget):
+            if cell not in error_cells:  # an error the page did not show as one
+                report.errors.append(f"cell {cell + 1}: {error} (in the saved notebook)")
         saved = server.root / lesson.notebook
         shutil.copy2(saved, out / Path(lesson.notebook).name)
     except Exception as e:  # a step that timed out or failed: record it with a picture of the page
@@ -597,7 +623,7 @@ def _cell_sources(path: Path) -> list[str]:
     return ["".join(c.get("source", "")) for c in nb["cells"]]
 
 
-def _saved_errors(path: Path, budget: _Budget) -> list[str]:
+def _saved_errors(path: Path, budget: _Budget) -> list[tuple[int, str]]:
     """Error outputs stored in the notebook that the page saved (waits until the save has landed)."""
     end = time.monotonic() + budget.ms(20) / 1000
     while True:
@@ -610,12 +636,8 @@ def _saved_errors(path: Path, budget: _Budget) -> list[str]:
         if time.monotonic() > end:
             raise TimeoutError(f"the page did not save {path.name} within 20 s")
         time.sleep(0.2)
-    errors = []
-    for i, cell in enumerate(nb["cells"]):
-        for o in cell.get("outputs", []):
-            if o.get("output_type") == "error":
-                errors.append(f"cell {i + 1}: {o.get('ename')}: {o.get('evalue')}")
-    return errors
+    return [(i, f"{o.get('ename')}: {o.get('evalue')}") for i, cell in enumerate(nb["cells"])
+            for o in cell.get("outputs", []) if o.get("output_type") == "error"]
 
 
 # ------------------------------------------------------------------------------------------ command
@@ -652,7 +674,11 @@ def main(argv: list | None = None) -> int:
         known = {lesson.notebook: lesson for lesson in LESSONS}
         lessons = []
         for nb in args.notebooks:
-            rel = str(Path(nb).resolve().relative_to(ROOT))
+            path = Path(nb).resolve()
+            if not path.is_file() or not path.is_relative_to(ROOT):
+                print(f"workshop check: {nb} is not a notebook inside {ROOT}", file=sys.stderr)
+                return 2
+            rel = path.relative_to(ROOT).as_posix()
             lessons.append(LessonCheck(rel, tuple(args.control)) if args.control else known.get(rel, LessonCheck(rel)))
     else:
         lessons = available_lessons()

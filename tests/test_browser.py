@@ -49,7 +49,7 @@ def lab():
     if chromium is None:
         where = f"COURSE_CHROMIUM={os.environ['COURSE_CHROMIUM']!r} does not exist" if os.environ.get(
             "COURSE_CHROMIUM") else "no 'chromium' on the PATH"
-        _unavailable(f"Chromium is not installed ({where}); on Debian/Ubuntu: apt-get install chromium")
+        _unavailable(f"no Chromium found ({where}); on Debian/Ubuntu: apt-get install chromium")
     deadline = time.monotonic() + MODULE_BUDGET_S
     notebooks = [lesson.notebook for lesson in wc.available_lessons()]
     server = wc.LabServer(notebooks)
