@@ -1,0 +1,236 @@
+"""Benchmark of the whole tiny Stable Diffusion: does it draw what the prompt says, and how fast?
+
+    python benchmarks/bench_tiny_sd.py                  # the full benchmark (a few minutes on 2 CPU cores)
+    python benchmarks/bench_tiny_sd.py --n 64 --scales 1,3,5   # a quicker look
+
+Measured on held-out captions (data.generate(split="heldout")), each image scored by the
+evaluator (course_lib.evaluator.prompt_adherence):
+
+- prompt adherence on one-object prompts against guidance scale (table + assets/tiny_sd_guidance.png);
+  the same starting noise at every scale, so the scales are compared on equal terms;
+- the best scale, its per-attribute breakdown, and adherence without guidance (scale 1);
+- attribute binding on two-object prompts ("a red circle ... and a blue square ..."): how often
+  both objects come out right, and how often colours land on the wrong object;
+- the wall time of one 16-image batch, 20 steps with guidance;
+- a grid of samples for a handful of prompts (assets/tiny_sd_samples.png).
+
+Results go to assets/bench_tiny_sd.json; ``--update-card`` also stores them in weights/unet.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from course_lib import data  # noqa: E402
+from course_lib.evaluator import prompt_adherence  # noqa: E402
+from course_lib.tiny_sd import load_evaluator, load_tiny_sd  # noqa: E402
+
+BARS = {"single_object_best": 0.95}
+GRID_PROMPTS = [
+    "a large red circle in the centre",
+    "a small blue square in the top left",
+    "a large yellow triangle in the bottom right on a grey background",
+    "the top right has a small purple circle",
+    "large green square, bottom left",
+    "a small red triangle in the top left and a large blue circle in the bottom right",
+]
+
+
+def generate_all(pipe, captions, scale, steps, sampler, seed, batch=128):
+    """Images for every caption; image i always starts from the same noise, whatever the scale."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(captions), 4, 8, 8, generator=g)
+    out = []
+    for s in range(0, len(captions), batch):
+        out.append(pipe.generate(captions[s:s + batch], num_steps=steps, guidance_scale=scale, sampler=sampler,
+                                 latents=noise[s:s + batch], generator=torch.Generator().manual_seed(seed + s)))
+    return torch.cat(out)
+
+
+def binding(evaluator, images, captions):
+    """Two-object prompts: per image, are both objects right, and did a colour go to the wrong object?"""
+    pred = evaluator.predict(images)
+    swapped = 0
+    for b, text in enumerate(captions):
+        objs = data.parse_caption(text)["objects"]
+        p = [data.POSITIONS.index(o["position"]) for o in objs]
+        c = [data.COLOURS.index(o["colour"]) for o in objs]
+        got = [int(pred["colour"][b, q]) for q in p]
+        swapped += got[0] == c[1] and got[1] == c[0] and c[0] != c[1]
+    return swapped / len(captions)
+
+
+def timing(pipe, steps, scale, repeats=3):
+    prompts = (GRID_PROMPTS * 3)[:16]
+    pipe.generate(prompts[:2], num_steps=2, guidance_scale=scale)  # warm-up
+    times = []
+    for r in range(repeats):
+        t = time.perf_counter()
+        pipe.generate(prompts, num_steps=steps, guidance_scale=scale, generator=torch.Generator().manual_seed(r))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def save_plot(rows_single, rows_two, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["scale"] for r in rows_single], [100 * r["adherence"] for r in rows_single], "o-", label="one object")
+    if rows_two:
+        ax.plot([r["scale"] for r in rows_two], [100 * r["adherence"] for r in rows_two], "s--", label="two objects")
+    ax.axhline(100 * BARS["single_object_best"], color="grey", lw=0.8, ls=":", label="bar: 95%")
+    ax.set_xlabel("guidance scale w")
+    ax.set_ylabel("prompt adherence (%)")
+    ax.set_title("Tiny SD: prompt adherence vs classifier-free guidance")
+    ax.set_ylim(0, 101)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_grid(pipe, scale, steps, path, seeds=4):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = []
+    for s in range(seeds):
+        images.append(pipe.generate(GRID_PROMPTS, num_steps=steps, guidance_scale=scale,
+                                    generator=torch.Generator().manual_seed(100 + s)))
+    fig, axes = plt.subplots(seeds, len(GRID_PROMPTS), figsize=(2.0 * len(GRID_PROMPTS), 2.1 * seeds + 0.8))
+    for s in range(seeds):
+        for j, prompt in enumerate(GRID_PROMPTS):
+            ax = axes[s, j]
+            ax.imshow(((images[s][j].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if s == 0:
+                ax.set_title(_wrap(prompt), fontsize=7)
+        axes[s, 0].set_ylabel(f"seed {100 + s}", fontsize=7)
+    fig.suptitle(f"Tiny SD samples: DDIM {steps} steps, guidance {scale:g} (rows: seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _wrap(text, width=24):
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if len(line) + len(w) + 1 > width:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    return "\n".join(lines + [line])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=256, help="held-out captions per measurement (one-object and two-object)")
+    ap.add_argument("--steps", type=int, default=20, help="sampler steps")
+    ap.add_argument("--sampler", default="ddim")
+    ap.add_argument("--scales", default="1,2,3,4,5,6,7,8,9,10", help="guidance scales to sweep")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    ap.add_argument("--assets", default=str(ROOT / "assets"))
+    ap.add_argument("--update-card", action="store_true", help="store the results in weights/unet.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    assets = Path(args.assets)
+    assets.mkdir(parents=True, exist_ok=True)
+    scales = [float(s) for s in args.scales.split(",")]
+
+    pipe, evaluator = load_tiny_sd(), load_evaluator()
+    single = data.generate(args.n, seed=args.seed, split="heldout", two_object_fraction=0.0).captions
+    two = data.generate(args.n, seed=args.seed + 1, split="heldout", two_object_fraction=1.0).captions
+    t_start = time.time()
+
+    print(f"# Tiny SD benchmark: {args.n} held-out captions per row, {args.sampler} {args.steps} steps, "
+          f"torch threads {torch.get_num_threads()}\n")
+    print("## One-object prompts: adherence against guidance scale\n")
+    print("| guidance | adherence | position | shape | colour | size | background | extra objects |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for w in scales:
+        r = prompt_adherence(evaluator, generate_all(pipe, single, w, args.steps, args.sampler, args.seed), single)
+        pa = r["per_attribute"]
+        rows.append({"scale": w, "adherence": r["adherence"], "per_attribute": pa, "extra_objects": r["extra_objects"]})
+        print(f"| {w:g} | {100 * r['adherence']:.1f}% | " + " | ".join(f"{100 * pa[k]:.1f}%" for k in
+              ("position", "shape", "colour", "size", "background")) + f" | {100 * r['extra_objects']:.1f}% |", flush=True)
+    best = max(rows, key=lambda r: r["adherence"])
+    no_guidance = next((r for r in rows if r["scale"] == 1.0), None)
+
+    print("\n## Two-object prompts (attribute binding)\n")
+    print("| guidance | both objects right | position | shape | colour | size | colours swapped |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    two_rows = []
+    for w in sorted({1.0, best["scale"]}):
+        images = generate_all(pipe, two, w, args.steps, args.sampler, args.seed + 1)
+        r = prompt_adherence(evaluator, images, two)
+        pa = r["per_attribute"]
+        two_rows.append({"scale": w, "adherence": r["adherence"], "per_attribute": pa,
+                         "colour_swapped": binding(evaluator, images, two)})
+        print(f"| {w:g} | {100 * r['adherence']:.1f}% | " + " | ".join(f"{100 * pa[k]:.1f}%" for k in
+              ("position", "shape", "colour", "size")) + f" | {100 * two_rows[-1]['colour_swapped']:.1f}% |", flush=True)
+
+    median_s, times = timing(pipe, 20, best["scale"])
+    save_plot(rows, [], assets / "tiny_sd_guidance.png")
+    save_grid(pipe, best["scale"], args.steps, assets / "tiny_sd_samples.png")
+
+    best_two = next(r for r in two_rows if r["scale"] == best["scale"])
+    print("\n## Bars\n")
+    print("| measure | value | bar | |")
+    print("|---|---:|---:|---|")
+    ok = best["adherence"] >= BARS["single_object_best"]
+    print(f"| one-object adherence at best guidance ({best['scale']:g}) | {100 * best['adherence']:.1f}% | >= 95% | "
+          f"{'PASS' if ok else 'FAIL'} |")
+    if no_guidance:
+        lower = no_guidance["adherence"] < best["adherence"]
+        print(f"| one-object adherence without guidance (scale 1) | {100 * no_guidance['adherence']:.1f}% | lower | "
+              f"{'yes' if lower else 'NO'} |")
+    print(f"| two-object adherence (binding) at guidance {best['scale']:g} | {100 * best_two['adherence']:.1f}% | reported | |")
+    print(f"| colours swapped between the two objects | {100 * best_two['colour_swapped']:.1f}% | reported | |")
+    for k, v in best["per_attribute"].items():
+        print(f"| per attribute at best guidance: {k} | {100 * v:.1f}% | reported | |")
+    print(f"| 16 images, 20 DDIM steps, guidance {best['scale']:g} | {median_s:.2f} s (median of 3: "
+          f"{', '.join(f'{t:.2f}' for t in times)}) | seconds | |")
+    print(f"\nplot: {assets / 'tiny_sd_guidance.png'}   samples: {assets / 'tiny_sd_samples.png'}   "
+          f"benchmark time: {time.time() - t_start:.0f}s")
+
+    results = {"n_captions": args.n, "sampler": args.sampler, "steps": args.steps, "seed": args.seed,
+               "torch_threads": torch.get_num_threads(), "single_object": rows, "two_object": two_rows,
+               "best_scale": best["scale"], "best_single_object_adherence": best["adherence"],
+               "no_guidance_adherence": no_guidance["adherence"] if no_guidance else None,
+               "batch16_20steps_seconds": median_s, "batch16_20steps_all": times,
+               "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+               "passes": {"single_object_best>=0.95": ok}}
+    (assets / "bench_tiny_sd.json").write_text(json.dumps(results, indent=2) + "\n")
+    if args.update_card:
+        card_path = ROOT / "weights" / "unet.json"
+        card = json.loads(card_path.read_text())
+        card["metrics"] = {"benchmark": {k: v for k, v in results.items() if k not in ("single_object", "two_object")},
+                           "adherence_by_guidance": {str(r["scale"]): r["adherence"] for r in rows},
+                           "two_object": two_rows}
+        card_path.write_text(json.dumps(card, indent=2) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The course's tiny Stable Diffusion: prompt in, 64x64 image out, in seconds on a laptop CPU.
+
+Lesson 7 (the complete pipeline) walks through ``TinySD.generate`` step by step next to
+diffusers' ``StableDiffusionPipeline.__call__``; they do the same things in the same order:
+
+1. tokenise the prompt and the negative prompt ("" by default) and run the frozen text tower:
+   per-token hidden states (B, 32, 128)                               [encode_prompt]
+2. draw the starting latents x_T ~ N(0, I), shape (B, 4, 8, 8), from an explicit generator
+3. wrap the U-Net with classifier-free guidance: one batched pass over [uncond, cond]
+   per step, eps = eps_u + w (eps_c - eps_u)                          [guidance.guided_model]
+4. run a sampler (DDIM by default, 20 steps of SD's "leading" spacing)     [samplers]
+5. undo the latent scaling (z / scaling_factor) and decode with the VAE: images in [-1, 1]
+
+Every model here was trained by ``python -m course_lib.train`` (see the JSON model cards in
+``weights/``). ``load_tiny_sd`` is the only place that reads them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .clip import CLIP, Tokenizer
+from .evaluator import Evaluator
+from .evaluator import prompt_adherence as _adherence
+from .guidance import guided_model
+from .samplers import SAMPLERS, sample
+from .schedules import NoiseSchedule, sd_schedule
+from .unet import UNet
+from .vae import VAE
+from .weights import load_clip, load_unet, load_vae
+from .weights import load_evaluator as _load_evaluator
+
+DEFAULT_GUIDANCE = 5.0  # where the course's benchmark finds adherence at its best (SD 1.5's default: 7.5)
+
+
+@dataclass
+class TinySD:
+    """Everything a prompt needs to become an image. Build it with ``load_tiny_sd()``."""
+
+    vae: VAE
+    clip: CLIP  # only the text tower (``clip.text``) is used for generation, as in SD
+    unet: UNet
+    tokenizer: Tokenizer
+    schedule: NoiseSchedule
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def text_encoder(self):
+        return self.clip.text
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: str | list[str]) -> torch.Tensor:
+        """Prompts -> the text tower's per-token hidden states (B, context_length, width)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        ids = self.tokenizer(prompts).to(self.device)  # (B, L)
+        return self.clip.text(ids).last_hidden_state.to(self.dtype)  # (B, L, width)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (what the U-Net works on) -> images in [-1, 1]."""
+        return self.vae.decode(latents / self.vae.config.scaling_factor).clamp(-1, 1)
+
+    @torch.no_grad()
+    def generate(self, prompts: str | list[str], num_steps: int = 20, guidance_scale: float = DEFAULT_GUIDANCE,
+                 negative_prompt: str | list[str] | None = None, sampler: str = "ddim",
+                 generator: torch.Generator | None = None, callback: Callable | None = None,
+                 return_latents: bool = False, latents: torch.Tensor | None = None, guidance_rescale: float = 0.0,
+                 **sampler_kwargs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, 64, 64) in [-1, 1] for ``prompts``.
+
+        guidance_scale: 1 turns guidance off (one U-Net pass per step); above 1 follows the prompt
+        more closely. negative_prompt: what guidance steers away from (default "", the
+        unconditional prompt). sampler: a key of ``samplers.SAMPLERS``. generator: the source of
+        the starting noise (and of the noise stochastic samplers add). latents: start from these
+        (B, 4, 8, 8) instead of drawing noise. callback(i, t, x, x0_pred) runs after every step.
+        return_latents=True also returns the final scaled latents.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("give at least one prompt")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        if guidance_scale < 1.0:
+            raise ValueError(f"guidance_scale must be >= 1 (1 means no guidance), got {guidance_scale}")
+        b = len(prompts)
+        negative = [""] * b if negative_prompt is None else (
+            [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt))
+        if len(negative) != b:
+            raise ValueError(f"got {b} prompts but {len(negative)} negative prompts")
+        cond = self.encode_prompt(prompts)
+        uncond = self.encode_prompt(negative) if guidance_scale != 1.0 else None
+        c = self.vae.config.latent_channels
+        f = self.vae.config.downsample_factor
+        shape = (b, c, 64 // f, 64 // f)
+        if latents is None:
+            g_device = generator.device if generator is not None else torch.device("cpu")
+            latents = torch.randn(shape, generator=generator, device=g_device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        x = latents.to(self.device, self.dtype)
+        model = guided_model(self.unet, cond, uncond, guidance_scale, guidance_rescale)
+        z = sample(sampler, model, x, self.schedule, num_steps, None,
+                   prediction_type=self.unet.config.prediction_type, generator=generator, callback=callback,
+                   **sampler_kwargs)
+        images = self.decode_latents(z)
+        return (images, z) if return_latents else images
+
+
+def load_tiny_sd(device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 weights_dir: str | Path | None = None) -> TinySD:
+    """Load the shipped VAE, CLIP and U-Net (safetensors + JSON cards; nothing is unpickled)."""
+    vae = load_vae(weights_dir, device, dtype)
+    clip = load_clip(weights_dir, device, dtype)
+    unet = load_unet(weights_dir, device, dtype)
+    if unet.config.context_dim != clip.config.width:
+        raise ValueError(f"the U-Net expects text states of width {unet.config.context_dim} but the text tower "
+                         f"gives {clip.config.width}: the weight files come from different training runs")
+    return TinySD(vae=vae, clip=clip, unet=unet, tokenizer=Tokenizer(clip.config.context_length), schedule=sd_schedule())
+
+
+def load_evaluator(device: torch.device | str | None = None, weights_dir: str | Path | None = None) -> Evaluator:
+    """The attribute classifier that checks generated images against their prompts."""
+    return _load_evaluator(weights_dir, device)
+
+
+def prompt_adherence(images: torch.Tensor, captions: list[str], evaluator: Evaluator | None = None) -> dict:
+    """Fraction of images whose every captioned attribute the evaluator confirms, overall and per attribute.
+
+    See ``evaluator.prompt_adherence`` for the keys. Loads the shipped evaluator if none is given.
+    """
+    evaluator = evaluator if evaluator is not None else load_evaluator(images.device)
+    return _adherence(evaluator, images.float(), captions)

@@ -1,0 +1,483 @@
+"""Train every model of the course's tiny Stable Diffusion from scratch, with one command:
+
+    python -m course_lib.train                     # everything, into weights/  (under an hour on 2 CPU cores)
+    python -m course_lib.train --only vae,clip     # some models (later ones load earlier ones from weights/)
+    python -m course_lib.train --quick             # a seconds-long smoke run of tiny models, into runs/quick/
+
+Order matters, as in Stable Diffusion: the evaluator first (it measures the others), then the VAE
+(its latents are what diffusion works on), then CLIP (its frozen text tower conditions the U-Net),
+then the U-Net, trained on *scaled VAE latents* of the training scenes.
+
+Every function here trains one model: seeded, with a tqdm progress bar, and it writes
+``<name>.safetensors`` plus a ``<name>.json`` model card (config, data seed, steps, loss summary,
+metrics, wall time, device, library versions) through ``course_lib.weights``. The same code runs
+on a GPU unchanged (``--device cuda``); timings in the cards say where each model was trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import data
+from .clip import CLIP, CLIPConfig, Tokenizer, contrastive_loss
+from .evaluator import Evaluator, EvaluatorConfig, agreement, attribute_accuracy, loss_fn, targets
+from .schedules import add_noise, sd_schedule
+from .unet import UNet, UNetConfig
+from .vae import VAE, VAEConfig, compute_scaling_factor, psnr
+from .weights import WEIGHTS_DIR, library_versions, load_clip, load_evaluator, load_vae, save_model
+
+MODELS = ("evaluator", "vae", "clip", "unet")
+
+
+# --- Training settings: one small dataclass per model. ---------------------------------------------
+
+@dataclass
+class EvaluatorTraining:
+    steps: int = 1500  # optimiser steps
+    batch_size: int = 128  # scenes per step
+    lr: float = 2e-3  # peak AdamW learning rate (cosine decay after a short warm-up)
+    noise_std: float = 0.08  # max std of Gaussian noise added to inputs, so blurry or noisy generations still read
+    seed: int = 0  # initialisation and batch order
+
+
+@dataclass
+class VAETraining:
+    steps: int = 3000  # optimiser steps
+    batch_size: int = 32  # scenes per step
+    lr: float = 2e-3  # peak AdamW learning rate
+    kl_weight: float = 1e-6  # weight of the per-image KL sum; tiny, as in SD (it only stops latents drifting)
+    seed: int = 0  # initialisation, batch order and the reparameterisation noise
+
+
+@dataclass
+class CLIPTraining:
+    steps: int = 2000  # optimiser steps
+    batch_size: int = 256  # pairs per step: each image's negatives are the other 255 captions
+    lr: float = 1e-3  # peak AdamW learning rate
+    weight_decay: float = 0.1  # AdamW weight decay, as in CLIP
+    seed: int = 0
+
+
+@dataclass
+class UNetTraining:
+    steps: int = 6000  # optimiser steps
+    batch_size: int = 128  # latents per step
+    lr: float = 1e-3  # peak AdamW learning rate
+    caption_dropout: float = 0.1  # fraction of captions replaced by "" so the model also learns the unconditional eps
+    ema_decay: float = 0.999  # the shipped weights are an exponential moving average of the trained ones
+    seed: int = 0
+
+
+@dataclass
+class DataSettings:
+    n_train: int = 50_000  # training scenes, drawn once and shared by every model
+    n_heldout: int = 2_000  # held-out scenes for the metrics in the model cards
+    seed: int = 0  # data seed (data.generate)
+
+
+# --- Small shared helpers. ----------------------------------------------------------------------------
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    """Linear warm-up, then cosine decay to 5% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+class LossLog:
+    """Keeps every loss value; summarises them for the model card (first/last 5% means, min, 50-point curve)."""
+
+    def __init__(self):
+        self.values: list[float] = []
+
+    def add(self, value: float) -> None:
+        self.values.append(float(value))
+
+    def summary(self) -> dict:
+        v = self.values
+        k = max(1, len(v) // 20)
+        chunk = max(1, len(v) // 50)
+        curve = [sum(v[i:i + chunk]) / len(v[i:i + chunk]) for i in range(0, len(v), chunk)]
+        return {"first": sum(v[:k]) / k, "last": sum(v[-k:]) / k, "min": min(v), "curve_every_steps": chunk,
+                "curve": [round(c, 6) for c in curve]}
+
+
+def batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
+    """``steps`` random index batches over ``n`` items (with replacement across batches)."""
+    for _ in range(steps):
+        yield torch.randint(0, n, (batch_size,), generator=generator)
+
+
+def _card(data_cfg: DataSettings, train_cfg, log: LossLog, metrics: dict, started: float, device) -> dict:
+    return {"data": dataclasses.asdict(data_cfg), "training": dataclasses.asdict(train_cfg),
+            "steps": train_cfg.steps, "loss": log.summary(), "metrics": metrics,
+            "wall_time_s": round(time.time() - started, 1), "device": str(device),
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            # Other programs sharing the CPU slow training down; the 1-minute load average says how busy it was.
+            "load_average_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "versions": library_versions()}
+
+
+def _bar(total: int, name: str, quiet: bool):
+    return tqdm(total=total, desc=f"train {name}", disable=quiet, mininterval=2.0)
+
+
+# --- 1. The evaluator. -------------------------------------------------------------------------------
+
+def train_evaluator(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings = DataSettings(),
+                    tc: EvaluatorTraining = EvaluatorTraining(), config: EvaluatorConfig = EvaluatorConfig(),
+                    out_dir: str | Path = WEIGHTS_DIR, device="cpu", quiet: bool = False) -> Evaluator:
+    """Train the attribute classifier on real scenes; card metrics are per-attribute held-out accuracy."""
+    started = time.time()
+    torch.manual_seed(tc.seed)
+    g = torch.Generator().manual_seed(tc.seed)
+    model = Evaluator(config).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=1e-4)
+    tgt = targets(scenes)
+    log = LossLog()
+    with _bar(tc.steps, "evaluator", quiet) as bar:
+        for step, idx in enumerate(batches(len(scenes), tc.batch_size, tc.steps, g)):
+            x = data.to_float(scenes.images[idx])
+            # Robustness to what generators produce: a little Gaussian noise of random strength.
+            x = x + torch.randn(x.shape, generator=g) * torch.rand(x.shape[0], 1, 1, 1, generator=g) * tc.noise_std
+            loss = loss_fn(model(x.to(device)), {k: v[idx].to(device) for k, v in tgt.items()})
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, tc.steps, tc.lr)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            log.add(loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    model.eval()
+    metrics = {"heldout_accuracy": attribute_accuracy(model, heldout.images_float().to(device), heldout),
+               "n_heldout": len(heldout)}
+    save_model(model, "evaluator", config, _card(data_cfg, tc, log, metrics, started, device), out_dir)
+    return model
+
+
+# --- 2. The VAE. --------------------------------------------------------------------------------------
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean SSIM (skimage.metrics.structural_similarity) of two image batches in [-1, 1]."""
+    from skimage.metrics import structural_similarity
+
+    a = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().double().numpy()  # (B, H, W, 3) in [0, 1]
+    b = ((y.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().double().numpy()
+    return float(sum(structural_similarity(p, q, channel_axis=2, data_range=1.0) for p, q in zip(a, b)) / len(a))
+
+
+@torch.no_grad()
+def reconstruct(vae: VAE, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Encode to the posterior mean and decode: the reconstruction lesson 1 shows."""
+    return torch.cat([vae.decode(vae.encode(images[i:i + batch_size]).mode())
+                      for i in range(0, images.shape[0], batch_size)])
+
+
+def vae_metrics(vae: VAE, heldout: data.Scenes, evaluator: Evaluator | None, device="cpu") -> dict:
+    """PSNR and SSIM of held-out reconstructions, and whether the evaluator reads the same attributes."""
+    x = heldout.images_float().to(device)
+    r = reconstruct(vae, x)
+    out = {"psnr_db": psnr(r, x).mean().item(), "ssim": ssim(r, x), "n_heldout": len(heldout)}
+    if evaluator is not None:
+        out["evaluator_agreement"] = agreement(evaluator, x, r)
+        out["evaluator_accuracy_on_reconstructions"] = attribute_accuracy(evaluator, r, heldout)
+    return out
+
+
+def train_vae(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings = DataSettings(),
+              tc: VAETraining = VAETraining(), config: VAEConfig = VAEConfig(), out_dir: str | Path = WEIGHTS_DIR,
+              device="cpu", evaluator: Evaluator | None = None, quiet: bool = False) -> VAE:
+    """Train the KL autoencoder (L1 + MSE reconstruction + tiny KL), then compute its scaling factor."""
+    started = time.time()
+    torch.manual_seed(tc.seed)
+    g = torch.Generator().manual_seed(tc.seed)
+    gd = torch.Generator(device=device).manual_seed(tc.seed)
+    config = dataclasses.replace(config)
+    model = VAE(config).to(device).to(memory_format=torch.channels_last)  # channels_last: faster convs on CPU
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=0.0)
+    log = LossLog()
+    with _bar(tc.steps, "vae", quiet) as bar:
+        for step, idx in enumerate(batches(len(scenes), tc.batch_size, tc.steps, g)):
+            x = data.to_float(scenes.images[idx]).to(device).contiguous(memory_format=torch.channels_last)
+            recon, posterior = model(x, gd)
+            rec = (recon - x).abs().mean() + (recon - x).pow(2).mean()
+            loss = rec + tc.kl_weight * posterior.kl().mean()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, tc.steps, tc.lr)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            log.add(loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    # SD's scaling factor: 1 / std of sampled latents over a sample of training images.
+    sample = data.to_float(scenes.images[: min(len(scenes), 4096)]).to(device)
+    config.scaling_factor = compute_scaling_factor(model, sample, generator=gd)
+    if evaluator is None and (Path(out_dir) / "evaluator.json").exists():
+        evaluator = load_evaluator(out_dir, device=device)  # trained first (or alongside): it reads the reconstructions
+    metrics = vae_metrics(model, heldout, evaluator, device)
+    metrics["scaling_factor"] = config.scaling_factor
+    save_model(model, "vae", config, _card(data_cfg, tc, log, metrics, started, device), out_dir)
+    return model
+
+
+# --- 3. CLIP. -----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def clip_metrics(clip: CLIP, heldout: data.Scenes, device="cpu", batch: int = 64) -> dict:
+    """Zero-shot caption retrieval on batches of ``batch`` held-out pairs, and per-attribute zero-shot accuracy.
+
+    Retrieval (image -> caption, top-1) is reported two ways: ``strict`` counts only the image's own
+    caption; ``top1`` also accepts a caption that describes the image equally well (another scene
+    with the same objects: the two captions cannot be told apart from the picture).
+    Per-attribute: on one-object scenes, the true caption competes with the captions that change
+    only that attribute (e.g. colour: 5 captions), the way CLIP is used as a zero-shot classifier.
+    """
+    tok = Tokenizer(clip.config.context_length)
+    n = (len(heldout) // batch) * batch
+    strict = semantic = t2i = 0
+    for s in range(0, n, batch):
+        images = heldout.images_float()[s:s + batch].to(device)
+        caps = heldout.captions[s:s + batch]
+        sims = clip.encode_image(images) @ clip.encode_text(tok(caps).to(device)).T  # (batch, batch)
+        best = sims.argmax(dim=1).cpu()
+        strict += (best == torch.arange(batch)).sum().item()
+        t2i += (sims.argmax(dim=0).cpu() == torch.arange(batch)).sum().item()
+        for i, j in enumerate(best.tolist()):
+            semantic += _describes(data.parse_caption(caps[j]), heldout.attributes(s + i))
+    out = {"retrieval_batch": batch, "n_batches": n // batch, "image_to_text_top1": semantic / n,
+           "image_to_text_top1_strict": strict / n, "text_to_image_top1_strict": t2i / n}
+    out["per_attribute_zero_shot"] = _attribute_zero_shot(clip, heldout, tok, device)
+    return out
+
+
+def _describes(parsed: dict, truth: dict) -> bool:
+    """Does a parsed caption describe a scene exactly (same objects; background if named)?"""
+    key = lambda o: (o["shape"], o["colour"], o["size"], o["position"])  # noqa: E731
+    same_objects = sorted(map(key, parsed["objects"])) == sorted(map(key, truth["objects"]))
+    return same_objects and parsed["background"] in (None, truth["background"])
+
+
+@torch.no_grad()
+def _attribute_zero_shot(clip: CLIP, heldout: data.Scenes, tok: Tokenizer, device, limit: int = 500) -> dict:
+    single = [i for i in range(len(heldout)) if int(heldout.n_objects[i]) == 1][:limit]
+    images = heldout.images_float()[single].to(device)
+    img = clip.encode_image(images)
+    acc = {}
+    for name, vocab in data.ATTRIBUTES.items():
+        right = 0
+        for row, i in enumerate(single):
+            truth = heldout.attributes(i)
+            options = []
+            for word in vocab:
+                obj = dict(truth["objects"][0], **{name: word})
+                options.append(data.caption({"objects": [obj], "background": truth["background"]}, (0,), 0))
+            scores = img[row] @ clip.encode_text(tok(options).to(device)).T
+            right += vocab[int(scores.argmax())] == truth["objects"][0][name]
+        acc[name] = right / len(single)
+    return acc
+
+
+def train_clip(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings = DataSettings(),
+               tc: CLIPTraining = CLIPTraining(), config: CLIPConfig = CLIPConfig(), out_dir: str | Path = WEIGHTS_DIR,
+               device="cpu", quiet: bool = False) -> CLIP:
+    """Contrastive training of both towers on (scene, caption) pairs."""
+    started = time.time()
+    torch.manual_seed(tc.seed)
+    g = torch.Generator().manual_seed(tc.seed)
+    tok = Tokenizer(config.context_length)
+    if len(tok) != config.vocab_size:
+        raise ValueError(f"CLIPConfig.vocab_size={config.vocab_size} but the tokeniser has {len(tok)} entries")
+    ids = tok(scenes.captions)  # (N, L): tokenise once
+    model = CLIP(config).to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=tc.lr, betas=(0.9, 0.98), eps=1e-6)
+    log = LossLog()
+    with _bar(tc.steps, "clip", quiet) as bar:
+        for step, idx in enumerate(batches(len(scenes), tc.batch_size, tc.steps, g)):
+            logits = model(data.to_float(scenes.images[idx]).to(device), ids[idx].to(device))
+            loss = contrastive_loss(logits)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, tc.steps, tc.lr)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            log.add(loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}", T=f"{1 / model.logit_scale.exp().item():.3f}", refresh=False)
+    model.eval()
+    metrics = clip_metrics(model, heldout, device)
+    metrics["temperature"] = 1.0 / model.logit_scale.exp().item()
+    save_model(model, "clip", config, _card(data_cfg, tc, log, metrics, started, device), out_dir)
+    return model
+
+
+# --- 4. The U-Net. ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_scenes(vae: VAE, images_uint8: torch.Tensor, device="cpu", batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every scene, (N, 4, 8, 8) each, computed once before U-Net training."""
+    means, stds = [], []
+    for i in range(0, images_uint8.shape[0], batch_size):
+        post = vae.encode(data.to_float(images_uint8[i:i + batch_size]).to(device))
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def encode_captions(clip: CLIP, captions: list[str], device="cpu", batch_size: int = 1000):
+    """Per-token hidden states of each *distinct* caption, plus an index from scenes to them.
+
+    Returns (states (U, L, width), index (N,) long, empty (1, L, width)) where ``empty`` encodes "",
+    the prompt that caption dropout substitutes and that CFG's unconditional branch uses.
+    """
+    tok = Tokenizer(clip.config.context_length)
+    distinct = sorted(set(captions))
+    where = {c: i for i, c in enumerate(distinct)}
+    states = torch.cat([clip.text(tok(distinct[i:i + batch_size]).to(device)).last_hidden_state
+                        for i in range(0, len(distinct), batch_size)])
+    empty = clip.text(tok([""]).to(device)).last_hidden_state
+    return states, torch.tensor([where[c] for c in captions]), empty
+
+
+def train_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings = DataSettings(),
+               tc: UNetTraining = UNetTraining(), config: UNetConfig | None = None, out_dir: str | Path = WEIGHTS_DIR,
+               device="cpu", vae: VAE | None = None, clip: CLIP | None = None, quiet: bool = False) -> UNet:
+    """Epsilon-prediction training on scaled VAE latents, conditioned on frozen CLIP text states.
+
+    One step (Ho et al. 2020, Algorithm 1, in latent space as in Rombach et al. 2022):
+    z0 = scaling_factor * (mean + std * n)  ->  t ~ U{0..999}, eps ~ N(0, I)
+    ->  z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps  ->  loss = |eps - eps_theta(z_t, t, text)|^2
+    """
+    started = time.time()
+    vae = vae if vae is not None else load_vae(out_dir, device=device)
+    clip = clip if clip is not None else load_clip(out_dir, device=device)
+    config = config or UNetConfig(context_dim=clip.config.width)
+    if config.context_dim != clip.config.width:
+        raise ValueError(f"UNetConfig.context_dim={config.context_dim} must equal the text width {clip.config.width}")
+    torch.manual_seed(tc.seed)
+    g = torch.Generator(device=device).manual_seed(tc.seed)
+    gi = torch.Generator().manual_seed(tc.seed)
+    scale = vae.config.scaling_factor
+    mean, std = encode_scenes(vae, scenes.images, device)  # (N, 4, 8, 8) each
+    states, caption_index, empty = encode_captions(clip, scenes.captions, device)
+    schedule = sd_schedule()
+    model = UNet(config).to(device)
+    ema = UNet(config).to(device).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=0.0)
+    log = LossLog()
+    with _bar(tc.steps, "unet", quiet) as bar:
+        for step, idx in enumerate(batches(len(scenes), tc.batch_size, tc.steps, gi)):
+            idx = idx.to(device)
+            n = torch.randn(mean[idx].shape, generator=g, device=device)
+            z0 = scale * (mean[idx] + std[idx] * n)  # a fresh posterior sample each time, scaled to unit variance
+            context = states[caption_index[idx.cpu()].to(device)]  # (B, L, width)
+            drop = torch.rand(idx.shape[0], generator=g, device=device) < tc.caption_dropout
+            context = torch.where(drop[:, None, None], empty.expand_as(context), context)
+            t = torch.randint(0, schedule.num_train_timesteps, (idx.shape[0],), generator=g, device=device)
+            eps = torch.randn(z0.shape, generator=g, device=device)
+            zt = add_noise(z0, eps, t, schedule)
+            loss = F.mse_loss(model(zt, t, context), eps)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, tc.steps, tc.lr)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            with torch.no_grad():  # EMA, with a warm-up so early steps are not dominated by the random init
+                d = min(tc.ema_decay, (1 + step) / (10 + step))
+                for pe, pm in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(pm, 1 - d)
+            log.add(loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    metrics = {"note": "prompt adherence is measured by benchmarks/bench_tiny_sd.py and stored under 'benchmark'"}
+    save_model(ema, "unet", config, _card(data_cfg, tc, log, metrics, started, device), out_dir)
+    return ema
+
+
+# --- The command. -------------------------------------------------------------------------------------
+
+def quick_settings() -> dict:
+    """Tiny models and a few steps: for smoke tests and for checking the command works (seconds)."""
+    return {
+        "data": DataSettings(n_train=512, n_heldout=128),
+        "evaluator": (EvaluatorTraining(steps=5, batch_size=16), EvaluatorConfig(channels=(8, 8, 8), hidden=16)),
+        "vae": (VAETraining(steps=5, batch_size=8),
+                VAEConfig(block_channels=(8, 8, 8, 8), layers_per_block=(0, 1, 0, 1), norm_groups=4)),
+        "clip": (CLIPTraining(steps=5, batch_size=16), CLIPConfig(width=32, layers=1, heads=2, embed_dim=16,
+                                                                  image_channels=(8, 8, 8, 8))),
+        "unet": (UNetTraining(steps=5, batch_size=8),
+                 UNetConfig(block_channels=(16, 16), layers_per_block=1, heads=2, context_dim=32,
+                            time_embed_dim=32, norm_groups=8, ff_mult=1)),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the course's tiny Stable Diffusion from scratch.")
+    parser.add_argument("--only", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
+    parser.add_argument("--quick", action="store_true", help="tiny models, a few steps, written to runs/quick/")
+    parser.add_argument("--out", default=None, help="output folder (default: weights/, or runs/quick/ with --quick)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    wanted = [m.strip() for m in args.only.split(",") if m.strip()]
+    unknown = set(wanted) - set(MODELS)
+    if unknown:
+        parser.error(f"unknown model(s) {sorted(unknown)}; choose from {MODELS}")
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    out = Path(args.out) if args.out else (Path("runs/quick") if args.quick else WEIGHTS_DIR)
+    s = quick_settings() if args.quick else {"data": DataSettings(), **{m: (None, None) for m in MODELS}}
+    dc = s["data"]
+    t0 = time.time()
+    scenes = data.generate(dc.n_train, seed=dc.seed, split="train")
+    heldout = data.generate(dc.n_heldout, seed=dc.seed, split="heldout")
+    print(f"data: {len(scenes)} training and {len(heldout)} held-out scenes in {time.time() - t0:.1f}s")
+
+    def settings(name, tdefault, cdefault):
+        tc, cfg = s[name]
+        return tc or tdefault, cfg or cdefault
+
+    common = dict(data_cfg=dc, out_dir=out, device=args.device, quiet=args.quiet)
+    evaluator = None
+    for name in MODELS:
+        if name not in wanted:
+            continue
+        t = time.time()
+        if name == "evaluator":
+            tc, cfg = settings(name, EvaluatorTraining(), EvaluatorConfig())
+            evaluator = train_evaluator(scenes, heldout, tc=tc, config=cfg, **common)
+        elif name == "vae":
+            tc, cfg = settings(name, VAETraining(), VAEConfig())
+            train_vae(scenes, heldout, tc=tc, config=cfg, evaluator=evaluator, **common)
+        elif name == "clip":
+            tc, cfg = settings(name, CLIPTraining(), CLIPConfig())
+            train_clip(scenes, heldout, tc=tc, config=cfg, **common)
+        else:
+            tc, cfg = settings(name, UNetTraining(), None)
+            train_unet(scenes, heldout, tc=tc, config=cfg, **common)
+        print(f"{name}: trained in {time.time() - t:.0f}s -> {out / name}.safetensors")
+    print(f"all done in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""The KL autoencoder ("VAE") of latent diffusion. Lesson 1 (latent diffusion and the VAE) explains it.
+
+Stable Diffusion never denoises pixels. A VAE squeezes a 512x512x3 image into a 64x64x4 latent
+(side / 8, 48x fewer numbers); the U-Net denoises latents; the decoder paints the result back.
+This one does the same to the course's scenes: 64x64x3 -> 8x8x4, factor 8, 48x reduction.
+
+The encoder outputs a diagonal Gaussian per latent element (mean and log-variance); training
+samples from it with the reparameterisation trick  z = mean + std * eps  (Kingma & Welling 2014)
+and adds a small KL penalty towards N(0, I). The penalty is kept tiny, as in SD (weight 1e-6):
+it only stops the latent space from drifting to huge values, it does not make the latents
+standard normal. That is why latents are multiplied by a **scaling factor** before diffusion:
+SD's 0.18215 was 1 / std of latents over a sample of training images, computed once after the
+VAE was trained. ``compute_scaling_factor`` does exactly that for this VAE.
+
+Layout (as in SD's ``AutoencoderKL``, smaller)::
+
+    encoder: conv_in -> [ResBlock x n, Downsample] x 3 -> ResBlock, self-attention, ResBlock
+             -> GroupNorm, SiLU, conv_out -> (mean, logvar)          64x64 -> 32 -> 16 -> 8
+    decoder: conv_in -> ResBlock, self-attention, ResBlock -> [ResBlock x n, Upsample] x 3
+             -> GroupNorm, SiLU, conv_out                             8x8 -> 16 -> 32 -> 64
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+
+
+@dataclass
+class VAEConfig:
+    in_channels: int = 3  # RGB
+    latent_channels: int = 4  # as in SD 1.x/2.x (SD 3 moved to 16)
+    block_channels: tuple = (16, 32, 64, 64)  # channels at 64x64, 32x32, 16x16, 8x8; SD 1.5 uses (128, 256, 512, 512)
+    layers_per_block: tuple = (0, 1, 1, 1)  # ResBlocks at each resolution; none at 64x64 saves most compute (SD: 2 each)
+    norm_groups: int = 8  # GroupNorm groups (SD: 32)
+    mid_attention: bool = True  # one self-attention layer at 8x8, as in SD's VAE
+    scaling_factor: float = 1.0  # 1 / std of training latents; set by compute_scaling_factor after training
+
+    def __post_init__(self):
+        self.block_channels = tuple(self.block_channels)  # JSON gives lists back
+        self.layers_per_block = tuple(self.layers_per_block)
+        if len(self.layers_per_block) != len(self.block_channels):
+            raise ValueError(f"layers_per_block needs one entry per resolution ({len(self.block_channels)}), "
+                             f"got {self.layers_per_block}")
+        if len(self.block_channels) < 2:
+            raise ValueError(f"block_channels needs at least 2 resolutions, got {self.block_channels}")
+        for c in self.block_channels:
+            if c % self.norm_groups:
+                raise ValueError(f"every entry of block_channels must divide by norm_groups={self.norm_groups}; got {c}")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_channels) - 1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, twice, plus a skip connection (1x1 conv when channels change)."""
+
+    def __init__(self, cin: int, cout: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels, with a residual connection (SD's VAE mid block)."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels)
+        self.attn = Attention(channels, heads=1, dim_head=channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        seq = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        out = self.attn(seq).transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
+        return x + out
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g = cfg.block_channels, cfg.norm_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        cin = ch[0]
+        for i, c in enumerate(ch):
+            layers = [ResBlock(cin if j == 0 else c, c, g) for j in range(cfg.layers_per_block[i])]
+            cin = c if layers else cin
+            if i < len(ch) - 1:
+                layers.append(nn.Conv2d(cin, c, 3, stride=2, padding=1))  # downsample by 2
+                cin = c
+            self.down.append(nn.Sequential(*layers))
+        self.mid = nn.Sequential(ResBlock(cin, cin, g), AttnBlock(cin, g) if cfg.mid_attention else nn.Identity(),
+                                 ResBlock(cin, cin, g))
+        self.norm_out = nn.GroupNorm(g, cin)
+        self.conv_out = nn.Conv2d(cin, 2 * cfg.latent_channels, 3, padding=1)  # mean and log-variance
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for block in self.down:
+            h = block(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2*latent, H/8, W/8)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g = cfg.block_channels[::-1], cfg.norm_groups
+        n_layers = cfg.layers_per_block[::-1]
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid = nn.Sequential(ResBlock(ch[0], ch[0], g), AttnBlock(ch[0], g) if cfg.mid_attention else nn.Identity(),
+                                 ResBlock(ch[0], ch[0], g))
+        self.up = nn.ModuleList()
+        cin = ch[0]
+        for i, c in enumerate(ch):
+            layers = [ResBlock(cin if j == 0 else c, c, g) for j in range(n_layers[i])]
+            cin = c if layers else cin
+            if i < len(ch) - 1:
+                # Upsample, then a conv that already narrows to the next resolution's channels
+                # (SD keeps the width here and narrows in the next ResBlock: same idea, more compute).
+                layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, ch[i + 1], 3, padding=1)]
+                cin = ch[i + 1]
+            self.up.append(nn.Sequential(*layers))
+        self.norm_out = nn.GroupNorm(g, cin)
+        self.conv_out = nn.Conv2d(cin, cfg.in_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for block in self.up:
+            h = block(h)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
+
+
+class LatentDistribution:
+    """A diagonal Gaussian over latents: what the encoder outputs (SD: ``DiagonalGaussianDistribution``)."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)  # (B, latent, h, w) each
+        self.logvar = logvar.clamp(-30.0, 20.0)  # as in SD: keeps exp() finite
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = mean + std * eps, the reparameterisation trick; eps drawn from ``generator``."""
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q(z|x) || N(0, I)) per image, summed over latent elements. Shape (B,)."""
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+
+
+class VAE(nn.Module):
+    """64x64x3 images in [-1, 1] <-> 8x8x4 latents. Build with ``VAE(VAEConfig())``; load trained weights
+    with ``course_lib.weights.load_vae`` (or ``tiny_sd.load_tiny_sd``)."""
+
+    def __init__(self, config: VAEConfig | None = None):
+        super().__init__()
+        self.config = config or VAEConfig()
+        self.encoder = Encoder(self.config)
+        self.decoder = Decoder(self.config)
+
+    def encode(self, x: torch.Tensor) -> LatentDistribution:
+        """x: (B, 3, H, W) in [-1, 1] -> the posterior q(z|x) over (B, 4, H/8, W/8) latents."""
+        if x.dim() != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected images (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
+        f = self.config.downsample_factor
+        if x.shape[-1] % f or x.shape[-2] % f:
+            raise ValueError(f"image height and width must be multiples of {f}, got {tuple(x.shape[-2:])}")
+        return LatentDistribution(self.encoder(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (B, 4, h, w) unscaled latents -> images (B, 3, 8h, 8w), roughly in [-1, 1]."""
+        if z.dim() != 4 or z.shape[1] != self.config.latent_channels:
+            raise ValueError(f"expected latents (B, {self.config.latent_channels}, h, w), got {tuple(z.shape)}")
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        """Encode, sample a latent, decode. Returns (reconstruction, posterior)."""
+        posterior = self.encode(x)
+        return self.decode(posterior.sample(generator)), posterior
+
+
+@torch.no_grad()
+def compute_scaling_factor(vae: VAE, images: torch.Tensor, batch_size: int = 256,
+                           generator: torch.Generator | None = None) -> float:
+    """1 / std of sampled latents over ``images`` (float, [-1, 1]): how SD's 0.18215 was found.
+
+    Multiplying latents by this factor gives them unit variance, which is what the diffusion
+    schedule assumes of its clean data x0.
+    """
+    zs = [vae.encode(images[i:i + batch_size]).sample(generator) for i in range(0, images.shape[0], batch_size)]
+    return float(1.0 / torch.cat(zs).float().std())
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB per image, for images in [-1, 1] (peak-to-peak 2). Shape (B,)."""
+    mse = (x.float().clamp(-1, 1) - y.float().clamp(-1, 1)).pow(2).mean(dim=(1, 2, 3))
+    return 10.0 * torch.log10(4.0 / mse.clamp_min(1e-12))
