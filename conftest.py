@@ -12,7 +12,6 @@ from collections import defaultdict
 from pathlib import Path
 
 os.environ.setdefault("COURSE_PROGRESS", "0")
-os.environ.setdefault("MPLBACKEND", "Agg")
 
 _notebook_seconds: dict[str, float] = defaultdict(float)
 
