@@ -21,7 +21,7 @@ Where this tiny CLIP differs from the real one, on purpose:
   (CLIP for SD 1.x pads with the end token; we use a separate pad token).
 - **Image tower.** A small CNN instead of a ViT/ResNet-50, and it flattens its last feature
   map instead of pooling it, because our captions talk about *where* things are.
-- Sizes: width 128 and 3 layers instead of 768 and 12.
+- Sizes: width 128 and 2 layers instead of 768 and 12.
 """
 
 from __future__ import annotations
@@ -93,9 +93,9 @@ class CLIPConfig:
     vocab_size: int = len(caption_vocabulary()) + 5  # words + comma + pad/start/end/unknown
     context_length: int = 32  # tokens per prompt (real CLIP: 77)
     width: int = 128  # text hidden size = the U-Net's cross-attention context size (SD 1.5: 768)
-    layers: int = 3  # text transformer blocks (CLIP ViT-L/14 text tower: 12)
+    layers: int = 2  # text transformer blocks (CLIP ViT-L/14 text tower: 12)
     heads: int = 4  # attention heads in the text tower
-    image_channels: tuple = (32, 64, 96, 128)  # image tower CNN widths at 32, 16, 8, 4 pixels
+    image_channels: tuple = (16, 32, 64, 64)  # image tower CNN widths at 32, 16, 8, 4 pixels
     embed_dim: int = 128  # joint embedding size the contrastive loss compares (CLIP L/14: 768)
     init_temperature: float = 0.07  # the paper's initial softmax temperature (logit scale 1/0.07)
 

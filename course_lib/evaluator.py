@@ -36,8 +36,8 @@ HEADS = {"shape": SHAPES, "colour": COLOURS, "size": SIZES}  # per-position cate
 
 @dataclass
 class EvaluatorConfig:
-    channels: tuple = (32, 64, 96)  # conv widths at 32x32, 16x16, 8x8 (each stage halves the side)
-    hidden: int = 256  # width of the fully connected layer that reads the 8x8 feature map
+    channels: tuple = (16, 32, 64)  # conv widths at 32x32, 16x16, 8x8 (each stage halves the side)
+    hidden: int = 128  # width of the fully connected layer that reads the 8x8 feature map
 
     def __post_init__(self):
         self.channels = tuple(self.channels)

@@ -39,6 +39,7 @@ class VAEConfig:
     layers_per_block: tuple = (0, 1, 1, 1)  # ResBlocks at each resolution; none at 64x64 saves most compute (SD: 2 each)
     norm_groups: int = 8  # GroupNorm groups (SD: 32)
     mid_attention: bool = True  # one self-attention layer at 8x8, as in SD's VAE
+    init_logvar: float = -6.0  # initial log-variance of the posterior: start nearly deterministic (std 0.05)
     scaling_factor: float = 1.0  # 1 / std of training latents; set by compute_scaling_factor after training
 
     def __post_init__(self):
@@ -108,6 +109,10 @@ class Encoder(nn.Module):
                                  ResBlock(cin, cin, g))
         self.norm_out = nn.GroupNorm(g, cin)
         self.conv_out = nn.Conv2d(cin, 2 * cfg.latent_channels, 3, padding=1)  # mean and log-variance
+        # With SD's tiny KL weight, nothing pulls the posterior wide, and sampling noise as large as the
+        # latents themselves only slows early training down: start the log-variance low.
+        with torch.no_grad():
+            self.conv_out.bias[cfg.latent_channels:] = cfg.init_logvar
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
