@@ -1,0 +1,216 @@
+"""Checks for solutions/04_guidance_exercises.ipynb: the CFG simulator (episode 85) and guidance
+rescale.
+
+Lesson: notebooks/04_guidance.ipynb (classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from course_lib.checking import Exercise, Run
+
+SCALES = (1.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0)
+
+# ==============================================================================================
+# Reference implementations
+# ==============================================================================================
+
+
+def apply_cfg(unconditional, conditional, scale: float):
+    """Ho & Salimans 2022, eq. 6 in SD's convention: uncond + scale · (cond - uncond)."""
+    return unconditional + scale * (conditional - unconditional)
+
+
+def cfg_sweep(unconditional: np.ndarray, signal: np.ndarray, scales) -> list[dict]:
+    """For each scale: cosine of the guided output to the signal, its L2 norm, and the amplification
+    (guided output's component along the signal over the conditional's)."""
+    conditional = unconditional + signal
+    unit = signal / np.linalg.norm(signal)
+    rows = []
+    for s in scales:
+        guided = apply_cfg(unconditional, conditional, s)
+        rows.append({
+            "scale": float(s),
+            "cosine_to_signal": float(guided @ signal / (np.linalg.norm(guided) * np.linalg.norm(signal))),
+            "norm": float(np.linalg.norm(guided)),
+            "amplification": float((guided @ unit) / (conditional @ unit)),
+        })
+    return rows
+
+
+def artifact_scale(unconditional: np.ndarray, signal: np.ndarray, scales, factor: float = 3.0):
+    """The first scale whose guided norm exceeds factor × the conditional's norm, or None."""
+    limit = factor * np.linalg.norm(unconditional + signal)
+    for row in cfg_sweep(unconditional, signal, scales):
+        if row["norm"] > limit:
+            return row["scale"]
+    return None
+
+
+def rescale_noise_cfg(guided: torch.Tensor, pred_cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    """Lin et al. 2023, Sec. 3.4 (diffusers' rescale_noise_cfg): match each sample's std to the
+    conditional prediction's, then mix with the unrescaled guided prediction."""
+    dims = list(range(1, guided.ndim))  # all but the batch
+    std_cond = pred_cond.double().std(dim=dims, keepdim=True)  # (B, 1, ...)
+    std_guided = guided.double().std(dim=dims, keepdim=True)  # (B, 1, ...)
+    rescaled = guided.double() * (std_cond / std_guided)
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided.double()
+
+
+# ==============================================================================================
+# Exercise: the CFG simulator
+# ==============================================================================================
+CFG_SIMULATOR = Exercise("ex85_cfg_simulator", "CFG scale simulator", targets=("CFGSimulator",))
+
+
+def _sim(run: Run, learner, k: int, dim: int = 100, strength: float = 1.0):
+    sim = run.call(learner.CFGSimulator, dim=dim, signal_strength=strength, seed=run.seeds[k % 3] + k,
+                   label=f"CFGSimulator(dim={dim}, signal_strength={strength}, seed=...)")
+    data = {key: run.get(getattr(sim, key)) for key in ("unconditional", "signal", "conditional")}
+    for key, value in data.items():
+        run.tensor(value, f"CFGSimulator.{key}", shape=(dim,), kind="array")
+    return sim, data
+
+
+@CFG_SIMULATOR.check("the features: unconditional ~ N(0, 1), conditional = unconditional + signal, seeded",
+                     hint="Use np.random.default_rng(seed) for both the unconditional features and the signal "
+                          "direction; the signal is signal_strength times a random normal vector.")
+def _(run, learner):
+    _, a = _sim(run, learner, 0)
+    _, b = _sim(run, learner, 0)
+    _, c = _sim(run, learner, 1)
+    run.close(a["conditional"], a["unconditional"] + a["signal"], "conditional", rtol=1e-9, kind="array")
+    run.close(b["unconditional"], a["unconditional"], "unconditional with the same seed", rtol=0, atol=0,
+              kind="array")
+    run.expect(not np.array_equal(a["unconditional"], c["unconditional"]), "other features for another seed",
+               "the same features")
+    u = np.asarray(a["unconditional"])
+    run.expect(abs(u.mean()) < 0.5 and 0.6 < u.std() < 1.4, "standard-normal unconditional features",
+               f"mean {u.mean():.2f}, std {u.std():.2f}")
+
+
+@CFG_SIMULATOR.check("apply_cfg(u, c, scale) = u + scale · (c - u), for arrays of any shape", points=2,
+                     hint="Scale 0 gives the unconditional prediction, scale 1 the conditional one, and larger "
+                          "scales extrapolate past it.")
+def _(run, learner):
+    sim, _ = _sim(run, learner, 0)
+    rng = run.rng(2)
+    for shape, scale in [((100,), 7.5), ((3, 100), 0.0), ((2, 4, 5), 1.0), ((100,), float(rng.uniform(-2, 30)))]:
+        u, c = rng.standard_normal(shape), rng.standard_normal(shape)
+        run.close(run.call(sim.apply_cfg, u, c, scale), apply_cfg(u, c, scale), f"apply_cfg(u, c, {scale:g})",
+                  rtol=1e-9, atol=1e-12, kind="array")
+
+
+@CFG_SIMULATOR.check("sweep(scales): cosine to the signal, L2 norm and amplification per scale", points=3,
+                     hint="amplification = (guided · ŝ) / (conditional · ŝ) with ŝ = signal / |signal|: how much "
+                          "more of the signal direction the guided output carries than the conditional one.")
+def _(run, learner):
+    for k, strength in enumerate([1.0, 0.3]):
+        sim, d = _sim(run, learner, k + 2, strength=strength)
+        got = run.call(sim.sweep, list(SCALES))
+        want = cfg_sweep(d["unconditional"], d["signal"], SCALES)
+        run.expect(isinstance(got, list) and len(got) == len(SCALES), f"a list of {len(SCALES)} rows",
+                   f"{str(got)[:80]}")
+        run.close(got, want, f"sweep(scales) with signal_strength {strength}", rtol=1e-6, atol=1e-9)
+
+
+@CFG_SIMULATOR.check("artifact_scale(scales, factor=3) is the first scale whose norm passes 3× the conditional's",
+                     hint="Compare each guided norm with factor · |conditional|; return None when no scale gets there.")
+def _(run, learner):
+    for k in range(2):
+        sim, d = _sim(run, learner, k + 4)
+        got = run.call(sim.artifact_scale, list(SCALES))
+        run.equal(got, artifact_scale(d["unconditional"], d["signal"], SCALES), "artifact_scale(scales)")
+    run.equal(run.call(sim.artifact_scale, list(SCALES), factor=1e6), None, "artifact_scale(scales, factor=1e6)")
+
+
+@CFG_SIMULATOR.check("Verify: the cosine to the signal rises with every step of the scale",
+                     hint="guided = u + scale · signal: the signal's share of the vector grows with the scale.")
+def _(run, learner):
+    sim, _ = _sim(run, learner, 6)
+    scales = [float(s) for s in np.linspace(0.5, 60, 25)]
+    rows = run.call(sim.sweep, scales)
+    cos = [run.number(r.get("cosine_to_signal") if isinstance(r, dict) else None, "cosine_to_signal") for r in rows]
+    run.expect(all(b > a for a, b in zip(cos, cos[1:])), "strictly increasing values",
+               ", ".join(f"{c:.3f}" for c in cos[:6]) + ", ...")
+
+
+@CFG_SIMULATOR.check("Verify: the norm grows without bound, by about |signal| per unit of scale",
+                     hint="For a large scale, guided ≈ scale · signal, so norm / scale tends to |signal|.")
+def _(run, learner):
+    sim, d = _sim(run, learner, 7)
+    rows = run.call(sim.sweep, [1e3, 1e4])
+    norms = [run.number(r.get("norm") if isinstance(r, dict) else None, "norm") for r in rows]
+    run.close([norms[0] / 1e3, norms[1] / 1e4], [np.linalg.norm(d["signal"])] * 2,
+              "norm / scale at scales 1e3 and 1e4", rtol=2e-2)
+
+
+# ==============================================================================================
+# Exercise: guidance rescale
+# ==============================================================================================
+RESCALE = Exercise("ex04_guidance_rescale", "Guidance rescale", targets=("rescale_noise_cfg", "guided_prediction"))
+
+
+def _preds(run: Run, k: int, shape=(3, 4, 8, 8)):
+    uncond = run.randn(*shape, k=k)
+    cond = uncond + 0.3 * run.randn(*shape, k=k + 1)
+    return uncond, cond
+
+
+@RESCALE.check("rescale_noise_cfg equals diffusers' rescale_noise_cfg", points=3,
+               hint="Per sample: std over every dim but the batch (keepdim=True); rescaled = guided · std_cond / "
+                    "std_guided; return phi · rescaled + (1 - phi) · guided.")
+def _(run, learner):
+    for k, (shape, phi) in enumerate([((3, 4, 8, 8), 0.7), ((2, 16), 0.5), ((1, 4, 6, 6), 1.0)]):
+        uncond, cond = _preds(run, k, shape)
+        guided = apply_cfg(uncond, cond, 7.5)
+        got = run.call(learner.rescale_noise_cfg, guided, cond, phi)
+        run.close(got, rescale_noise_cfg(guided, cond, phi), f"rescale_noise_cfg(<{tuple(shape)}>, phi={phi})",
+                  rtol=1e-4, atol=1e-5, kind="tensor")
+
+
+@RESCALE.check("phi = 0 returns the guided prediction unchanged", hint="(1 - 0) · guided + 0 · rescaled = guided.")
+def _(run, learner):
+    uncond, cond = _preds(run, 3)
+    guided = apply_cfg(uncond, cond, 5.0)
+    run.close(run.call(learner.rescale_noise_cfg, guided, cond, 0.0), guided, "rescale_noise_cfg(..., 0.0)",
+              rtol=1e-6, atol=1e-6, kind="tensor")
+
+
+@RESCALE.check("Verify: with phi = 1 every sample gets the std of its conditional prediction",
+               hint="This is the point of the method: large scales inflate the std (over-exposed, saturated "
+                    "images); rescaling brings it back to the conditional prediction's.")
+def _(run, learner):
+    uncond, cond = _preds(run, 4)
+    guided = apply_cfg(uncond, cond, 12.0)
+    got = run.tensor(run.call(learner.rescale_noise_cfg, guided, cond, 1.0), "rescale_noise_cfg(..., 1.0)",
+                     shape=guided.shape)
+    run.close(got.reshape(len(got), -1).std(1, ddof=1), cond.flatten(1).std(1), "the std of each rescaled sample",
+              rtol=1e-4, kind="array")
+
+
+@RESCALE.check("each sample is rescaled on its own",
+               hint="Take the std over dims 1..n (every dim but the batch), not over the whole batch.")
+def _(run, learner):
+    uncond, cond = _preds(run, 5)
+    guided = apply_cfg(uncond, cond, 7.5)
+    a = run.call(learner.rescale_noise_cfg, guided, cond, 0.7)
+    guided_b, cond_b = guided.clone(), cond.clone()
+    guided_b[1:] *= 10
+    cond_b[1:] *= 0.1
+    b = run.call(learner.rescale_noise_cfg, guided_b, cond_b, 0.7)
+    run.close(b[:1] if isinstance(b, torch.Tensor) else b, a[:1] if isinstance(a, torch.Tensor) else a,
+              "sample 0 after changing only the other samples", rtol=1e-5, atol=1e-6, kind="tensor")
+
+
+@RESCALE.check("guided_prediction(uncond, cond, scale, guidance_rescale) is CFG followed by the rescale",
+               hint="guided = uncond + scale · (cond - uncond); then rescale_noise_cfg(guided, cond, guidance_rescale).")
+def _(run, learner):
+    for k, (scale, phi) in enumerate([(7.5, 0.0), (7.5, 0.7), (3.0, 1.0)]):
+        uncond, cond = _preds(run, 6 + k)
+        got = run.call(learner.guided_prediction, uncond, cond, scale, guidance_rescale=phi)
+        run.close(got, rescale_noise_cfg(apply_cfg(uncond, cond, scale), cond, phi),
+                  f"guided_prediction(uncond, cond, {scale}, guidance_rescale={phi})", rtol=1e-4, atol=1e-5,
+                  kind="tensor")

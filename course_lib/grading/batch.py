@@ -1,0 +1,285 @@
+"""Grade one notebook or a folder of them: one process per submission, several in parallel.
+
+Each submission runs in a sandboxed kernel of its own (``executor.py``), started by a grading
+process (``python -m course_lib.grading _worker``, one per parallel slot). The batch:
+
+- copies ``course_lib`` to a private folder first and runs the workers from that copy, so that
+  nothing a submission does to the repository's files changes how later submissions are graded;
+- gives each submission the notebook's time limit plus a margin, then kills the worker (and its
+  kernel) if it is still running and starts a fresh one: a hung submission costs one row marked
+  ``timeout``, never the batch;
+- turns a worker that crashed into a row marked ``grader_error``, with its log;
+- writes one JSON per submission, then ``grades.csv`` and ``grades.md`` for the folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import queue
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from course_lib.grading import notebooks
+from course_lib.grading.options import Options
+
+WORKER_MARGIN_S = 90.0  # kernel start-up and restarts, on top of the notebook's own limit
+
+
+def find_submissions(path: Path, exclude: Path | None = None) -> list[Path]:
+    if path.is_file():
+        return [path]
+    found = []
+    for p in sorted(path.rglob("*.ipynb")):
+        if ".ipynb_checkpoints" in p.parts or (exclude is not None and exclude in p.parents):
+            continue
+        found.append(p)
+    return found
+
+
+def submission_key(path: Path, root: Path) -> str:
+    """A stable, file-name-safe name for a submission: its path under the folder graded."""
+    rel = path.relative_to(root) if root.is_dir() else Path(path.name)
+    return "__".join(rel.with_suffix("").parts)
+
+
+def grade_batch(path: Path, out: Path, options: Options, workers: int = 2, solutions: Path = notebooks.SOLUTIONS,
+                progress: bool = True) -> list[dict]:
+    path, out = path.resolve(), out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    subs = find_submissions(path, exclude=out)
+    private = Path(tempfile.mkdtemp(prefix="course-batch-"))
+    snapshot = private / f"lib-{secrets.token_hex(6)}"
+    shutil.copytree(notebooks.ROOT / "course_lib", snapshot / "course_lib",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    deny = (str(path if path.is_dir() else path.parent), str(out), str(private), str(solutions.resolve()))
+    options = Options(**{**options.__dict__, "deny": tuple(options.deny) + deny})
+    root = path if path.is_dir() else path.parent
+    todo: queue.Queue = queue.Queue()
+    for sub in subs:
+        todo.put(sub)
+    rows: dict[Path, dict] = {}
+    lock = threading.Lock()
+
+    def slot(n: int) -> None:
+        worker = None
+        try:
+            while True:
+                try:
+                    sub = todo.get_nowait()
+                except queue.Empty:
+                    return
+                key = submission_key(sub, root)
+                if worker is None:
+                    worker = Worker(options, snapshot, private / f"worker-{n}-{secrets.token_hex(3)}", solutions)
+                row = worker.grade(sub, key)
+                if not worker.alive():
+                    worker = None
+                row["key"], row["submission"] = key, str(sub.relative_to(root))
+                (out / f"{key}.json").write_text(json.dumps(row, indent=1) + "\n")
+                with lock:
+                    rows[sub] = row
+                    if progress:
+                        print(f"{row['status']:>14}  {row['score']:>6g}/{row['max_score']:<6g} {row['seconds']:>6.1f} s  "
+                              f"{row['submission']}", flush=True)
+        finally:
+            if worker is not None:
+                worker.close()
+
+    start = time.monotonic()
+    try:
+        threads = [threading.Thread(target=slot, args=(n,), daemon=True) for n in range(max(1, workers))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    ordered = [rows[s] for s in subs if s in rows]
+    write_tables(ordered, out, wall_seconds=time.monotonic() - start, workers=workers)
+    return ordered
+
+
+class Worker:
+    """A grading process that grades submissions one after another (each in a fresh kernel), so that
+    the grader's own start-up (torch, the checks) is paid once per worker, not per submission.
+
+    Protocol: one JSON line per submission on its stdin; it answers "done" on stdout when the result
+    file is written. A worker that runs past a notebook's limit is killed with its kernel, and the
+    next submission gets a fresh worker."""
+
+    def __init__(self, options: Options, snapshot: Path, work: Path, solutions: Path):
+        self.options, self.work, self.solutions = options, work, solutions
+        work.mkdir(parents=True)
+        env = {**os.environ, "PYTHONPATH": str(snapshot), "PYTHONDONTWRITEBYTECODE": "1",
+               "COURSE_ROOT": str(notebooks.ROOT)}
+        cmd = [options.python, "-m", "course_lib.grading", "_worker", "--solutions", str(solutions),
+               "--seed", str(options.seed), "--timeout", str(options.timeout), "--cell-timeout",
+               str(options.cell_timeout), "--memory-mb", str(options.memory_mb), "--file-mb", str(options.file_mb),
+               "--pid-dir", str(work)]
+        for d in options.deny:
+            cmd += ["--deny", d]
+        self.log = open(work / "worker.log", "ab")
+        self.proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, start_new_session=True)
+        self.buffer = b""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def grade(self, sub: Path, key: str) -> dict:
+        """Grade one submission; never raises."""
+        start = time.monotonic()
+        result_file = self.work / f"{secrets.token_hex(6)}.json"
+        limit = self.options.timeout + WORKER_MARGIN_S
+        answer = None
+        try:
+            self.proc.stdin.write((json.dumps({"submission": str(sub), "result": str(result_file)}) + "\n").encode())
+            self.proc.stdin.flush()
+            answer = self._read_line(start + limit)
+        except (BrokenPipeError, OSError):
+            pass
+        if answer == "done" and result_file.exists():
+            try:
+                return json.loads(result_file.read_text())
+            except ValueError:
+                pass
+        timed_out = answer is None and self.alive()
+        self.kill()
+        tail = (self.work / "worker.log").read_bytes()[-1500:].decode("utf-8", "replace")
+        status = "timeout" if timed_out else "grader_error"
+        detail = (f"grading ran past {limit:g} s and was stopped" if timed_out
+                  else f"the grading process failed (exit code {self.proc.returncode}): {tail}")
+        return {"submission": str(sub), "status": status, "score": 0.0, "max_score": _max_score(sub, self.solutions),
+                "percent": 0.0, "exercises": [], "integrity": [], "flagged": False, "cell_errors": [],
+                "events": [{"kind": status, "detail": detail}], "seconds": round(time.monotonic() - start, 2),
+                "grader": {"seed": self.options.seed}}
+
+    def _read_line(self, deadline: float) -> str | None:
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+            if ready:
+                chunk = os.read(fd, 4096)
+                if not chunk:  # the worker exited
+                    return "eof"
+                self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode("utf-8", "replace").strip()
+
+    def kill(self) -> None:
+        _kill_group(self.proc.pid)
+        self.proc.wait()
+        pid_file = self.work / "kernel.pid"
+        if pid_file.exists():  # the kernel runs in a session of its own
+            try:
+                _kill_group(int(pid_file.read_text()))
+            except ValueError:
+                pass
+
+    def close(self) -> None:
+        if self.alive():
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.kill()
+        self.log.close()
+
+
+def _max_score(sub: Path, solutions: Path) -> float:
+    try:
+        import nbformat
+
+        from course_lib.checks import EXERCISES
+
+        source = notebooks.source_for(sub, None, solutions)
+        nb = nbformat.read(source, as_version=4)
+        return sum(EXERCISES[notebooks.exercise_of(c)].max_score for c in nb.cells if notebooks.is_checker(c))
+    except Exception:
+        return 0.0
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------
+def _exercise_ids(rows: list[dict]) -> list[str]:
+    ids: list[str] = []
+    for row in rows:
+        for ex in row.get("exercises", []):
+            if ex["exercise_id"] not in ids:
+                ids.append(ex["exercise_id"])
+    return ids
+
+
+def _flags(row: dict) -> str:
+    kinds = sorted({i["kind"] for i in row.get("integrity", []) if i["kind"] != "suspicious_code"})
+    return ", ".join(kinds)
+
+
+def write_tables(rows: list[dict], out: Path, wall_seconds: float, workers: int) -> None:
+    ids = _exercise_ids(rows)
+    fields = ["submission", "status", "score", "max_score", "percent", *ids, "flags", "cell_errors", "seconds"]
+    with open(out / "grades.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for row in rows:
+            scores = {e["exercise_id"]: e["score"] for e in row.get("exercises", [])}
+            w.writerow({"submission": row["submission"], "status": row["status"], "score": row["score"],
+                        "max_score": row["max_score"], "percent": row.get("percent", 0.0),
+                        **{i: scores.get(i, "") for i in ids}, "flags": _flags(row),
+                        "cell_errors": len(row.get("cell_errors", [])), "seconds": row.get("seconds", "")})
+    lines = ["| submission | status | score | " + " | ".join(ids) + " | flags | s |",
+             "| --- | --- | ---: | " + " | ".join("---:" for _ in ids) + " | --- | ---: |"]
+    for row in rows:
+        scores = {e["exercise_id"]: e for e in row.get("exercises", [])}
+        cells = [f"{scores[i]['score']:g}/{scores[i]['max_score']:g}" if i in scores else "" for i in ids]
+        lines.append(f"| {row['submission']} | {row['status']} | {row['score']:g}/{row['max_score']:g} | "
+                     + " | ".join(cells) + f" | {_flags(row) or '-'} | {row.get('seconds', 0):.1f} |")
+    per = [r.get("seconds", 0.0) for r in rows]
+    lines += ["", f"{len(rows)} submissions graded in {wall_seconds:.1f} s with {workers} workers; "
+                  f"per submission {min(per, default=0):.1f} to {max(per, default=0):.1f} s "
+                  f"(mean {sum(per) / max(len(per), 1):.1f} s)."]
+    (out / "grades.md").write_text("\n".join(lines) + "\n")
+
+
+def worker_main(args) -> int:
+    """The ``_worker`` command: grade the submissions named on stdin, one JSON line each."""
+    import nbformat
+
+    from course_lib.checks import EXERCISES  # noqa: F401  (the checks, loaded once, before any submission)
+    from course_lib.grading.executor import grade_submission
+
+    options = Options(timeout=args.timeout, cell_timeout=args.cell_timeout, memory_mb=args.memory_mb,
+                      file_mb=args.file_mb, seed=args.seed, deny=tuple(args.deny or ()), python=sys.executable,
+                      pid_dir=args.pid_dir)
+    for line in sys.stdin:
+        job = json.loads(line)
+        sub = Path(job["submission"])
+        try:
+            nb = nbformat.reads(sub.read_text("utf-8"), as_version=4)
+        except Exception:
+            nb = None
+        result = grade_submission(sub, notebooks.source_for(sub, nb, Path(args.solutions)), options)
+        Path(job["result"]).write_text(json.dumps(result))
+        print("done", flush=True)
+    return 0
