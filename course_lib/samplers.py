@@ -13,7 +13,8 @@ Every sampler is called the same way (k-diffusion style):
     noise                        (B, ...) standard Gaussian noise, the starting sample x_T
     schedule                     a NoiseSchedule (course_lib.schedules)
     timesteps                    the timesteps to visit, decreasing (make_timesteps), or an int N
-                                 for N steps of SD's spacing ("leading", steps_offset=1)
+                                 for N steps of SD's spacing (default_timesteps). Euler-type
+                                 samplers also take fractional ones and pass them to the model
     prediction_type              what `out` is: "epsilon" (the noise) or "v_prediction"
                                  (v = sqrt(a) eps - sqrt(1-a) x0, Salimans & Ho 2022, Sec. 4)
     generator                    a torch.Generator for the noise that stochastic samplers add
@@ -33,8 +34,8 @@ their callback's x is that variable. Nothing here changes a caller's tensor in p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
@@ -70,7 +71,7 @@ def _check_timesteps(timesteps, schedule: NoiseSchedule, *, fractional_ok: bool)
     """Validate the timesteps to visit and return them as a 1-D CPU tensor."""
     T = schedule.num_train_timesteps
     if isinstance(timesteps, int) and not isinstance(timesteps, bool):
-        timesteps = make_timesteps(timesteps, T, "leading", 1)
+        timesteps = default_timesteps(timesteps, T)
     ts = torch.as_tensor(timesteps).detach().cpu()
     if ts.ndim != 1 or len(ts) == 0:
         raise ValueError(f"timesteps must be a non-empty 1-D sequence, got shape {tuple(ts.shape)}")
@@ -89,6 +90,14 @@ def _check_timesteps(timesteps, schedule: NoiseSchedule, *, fractional_ok: bool)
     if len(ts) > 1 and not torch.all(ts[1:] < ts[:-1]):
         raise ValueError(f"timesteps must be strictly decreasing (noisiest first), got {ts.tolist()[:8]}...")
     return ts
+
+
+def default_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """What an int `timesteps` means: SD's spacing ("leading", steps_offset=1), which for
+    num_steps = T (where the offset would step past T-1) is simply every timestep, T-1 ... 0."""
+    T = num_train_timesteps
+    offset = 1 if num_steps < T else 0
+    return make_timesteps(num_steps, T, "leading", offset)
 
 
 def _call_model(model: Model, x_in: torch.Tensor, t: torch.Tensor, cond: Any, like: torch.Tensor) -> torch.Tensor:

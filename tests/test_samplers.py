@@ -7,6 +7,7 @@ from course_lib.samplers import (
     SAMPLERS,
     ddim,
     ddpm,
+    default_timesteps,
     dpmpp_2m,
     euler,
     euler_ancestral,
@@ -207,3 +208,11 @@ def test_euler_ancestral_is_ddpm_in_disguise():
         a = euler_ancestral(toy_model, noise(), SCHED, ts, init_noise_sigma="exact", generator=gen())
         b = ddpm(toy_model, noise(), SCHED, ts, generator=gen())
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_int_timesteps_mean_sd_spacing():
+    assert torch.equal(default_timesteps(50), make_timesteps(50, 1000, "leading", 1))
+    assert torch.equal(default_timesteps(1000), torch.arange(999, -1, -1))  # every timestep: plain DDPM
+    a = ddim(toy_model, noise(), SCHED, 20)
+    b = ddim(toy_model, noise(), SCHED, make_timesteps(20))
+    assert torch.equal(a, b)
