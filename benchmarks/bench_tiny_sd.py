@@ -71,6 +71,22 @@ def binding(evaluator, images, captions):
     return swapped / len(captions)
 
 
+def component_bars(pipe, evaluator, n, seed):
+    """Re-measure the VAE, CLIP and evaluator bars on fresh held-out scenes (not the ones in the cards)."""
+    from course_lib.evaluator import agreement, attribute_accuracy
+    from course_lib.train import clip_metrics, reconstruct, ssim
+    from course_lib.vae import psnr
+
+    scenes = data.generate(max(n, 256), seed=seed + 2, split="heldout")
+    x = scenes.images_float()
+    with torch.no_grad():
+        r = reconstruct(pipe.vae, x)
+        clip = clip_metrics(pipe.clip, scenes)
+    return {"n_scenes": len(scenes), "vae_psnr_db": psnr(r, x).mean().item(), "vae_ssim": ssim(r, x),
+            "vae_evaluator_agreement": agreement(evaluator, x, r),
+            "evaluator_accuracy": attribute_accuracy(evaluator, x, scenes), "clip": clip}
+
+
 def timing(pipe, steps, scale, repeats=3):
     prompts = (GRID_PROMPTS * 3)[:16]
     pipe.generate(prompts[:2], num_steps=2, guidance_scale=scale)  # warm-up
@@ -164,6 +180,39 @@ def main(argv=None):
 
     print(f"# Tiny SD benchmark: {args.n} held-out captions per row, {args.sampler} {args.steps} steps, "
           f"torch threads {torch.get_num_threads()}\n")
+    print("## Models (from their model cards)\n")
+    print("| model | parameters | file | steps | training wall time | device | load average at end |")
+    print("|---|---:|---:|---:|---:|---|---:|")
+    total_bytes = 0
+    for name, model in (("evaluator", evaluator), ("vae", pipe.vae), ("clip", pipe.clip), ("unet", pipe.unet)):
+        c = model.card
+        total_bytes += c["file_bytes"]
+        print(f"| {name} | {c['num_parameters'] / 1e6:.2f}M | {c['file_bytes'] / 2**20:.1f} MiB | {c['steps']} | "
+              f"{c['wall_time_s'] / 60:.1f} min | {c['device']} ({c.get('torch_threads')} threads) | "
+              f"{c.get('load_average_at_end')} |")
+    print(f"| total | | {total_bytes / 2**20:.1f} MiB (bar: <= 30 MB) | | | | |\n")
+    comp = component_bars(pipe, evaluator, args.n, args.seed)
+    ev, ag, cl = comp["evaluator_accuracy"], comp["vae_evaluator_agreement"], comp["clip"]
+    print(f"## Components, re-measured on {comp['n_scenes']} fresh held-out scenes\n")
+    print("| model | measure | value | bar | |")
+    print("|---|---|---:|---:|---|")
+    comp_rows = [
+        ("VAE", "reconstruction PSNR", comp["vae_psnr_db"], 28.0, "dB"),
+        ("VAE", "reconstruction SSIM", comp["vae_ssim"], None, ""),
+        ("VAE", "evaluator reads the same attributes (whole scene)", ag["scene"], 0.98, "%"),
+        ("CLIP", "zero-shot caption retrieval top-1, batches of 64", cl["image_to_text_top1"], 0.90, "%"),
+        ("CLIP", "... counting only the image's own caption", cl["image_to_text_top1_strict"], None, "%"),
+        ("CLIP", "text -> image top-1 (own image only)", cl["text_to_image_top1_strict"], None, "%"),
+    ] + [("CLIP", f"zero-shot {k} accuracy", v, None, "%") for k, v in cl["per_attribute_zero_shot"].items()] + [
+        ("evaluator", f"{k} accuracy on real scenes", v, 0.99 if k != "scene" else None, "%") for k, v in ev.items()]
+    comp_ok = True
+    for model, what, value, bar, unit in comp_rows:
+        shown = f"{value:.2f} dB" if unit == "dB" else (f"{100 * value:.1f}%" if unit == "%" else f"{value:.3f}")
+        bar_s = "" if bar is None else (f">= {bar:g} dB" if unit == "dB" else f">= {100 * bar:g}%")
+        verdict = "" if bar is None else ("PASS" if value >= bar else "FAIL")
+        comp_ok &= verdict != "FAIL"
+        print(f"| {model} | {what} | {shown} | {bar_s or 'reported'} | {verdict} |")
+    print()
     print("## One-object prompts: adherence against guidance scale\n")
     print("| guidance | adherence | position | shape | colour | size | background | extra objects |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -214,13 +263,13 @@ def main(argv=None):
     print(f"\nplot: {assets / 'tiny_sd_guidance.png'}   samples: {assets / 'tiny_sd_samples.png'}   "
           f"benchmark time: {time.time() - t_start:.0f}s")
 
-    results = {"n_captions": args.n, "sampler": args.sampler, "steps": args.steps, "seed": args.seed,
+    results = {"components": comp, "components_pass": comp_ok, "n_captions": args.n, "sampler": args.sampler, "steps": args.steps, "seed": args.seed,
                "torch_threads": torch.get_num_threads(), "single_object": rows, "two_object": two_rows,
                "best_scale": best["scale"], "best_single_object_adherence": best["adherence"],
                "no_guidance_adherence": no_guidance["adherence"] if no_guidance else None,
                "batch16_20steps_seconds": median_s, "batch16_20steps_all": times,
                "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-               "passes": {"single_object_best>=0.95": ok}}
+               "passes": {"single_object_best>=0.95": ok, "components": comp_ok}}
     (assets / "bench_tiny_sd.json").write_text(json.dumps(results, indent=2) + "\n")
     if args.update_card:
         card_path = ROOT / "weights" / "unet.json"
@@ -229,7 +278,7 @@ def main(argv=None):
                            "adherence_by_guidance": {str(r["scale"]): r["adherence"] for r in rows},
                            "two_object": two_rows}
         card_path.write_text(json.dumps(card, indent=2) + "\n")
-    return 0 if ok else 1
+    return 0 if ok and comp_ok else 1
 
 
 if __name__ == "__main__":

@@ -8,13 +8,15 @@ predicts the noise eps that was added (epsilon prediction, as SD 1.x does):
 The layout follows SD's ``UNet2DConditionModel`` at toy size (diffusers names in brackets)::
 
     t -> sinusoidal embedding -> MLP ................................ [time_proj, time_embedding]
-    x_t (B,4,8,8) -> conv_in (B,64,8,8)
-      down_blocks[0]: (ResBlock + Transformer) x 2, downsample -> (B,64,4,4)   [CrossAttnDownBlock2D]
-      down_blocks[1]: (ResBlock + Transformer) x 2             -> (B,128,4,4)  [CrossAttnDownBlock2D]
+    x_t (B,4,8,8) -> conv_in (B,32,8,8)
+      down_blocks[0]: (ResBlock + Transformer) x 1, downsample -> (B,32,4,4)   [CrossAttnDownBlock2D]
+      down_blocks[1]: (ResBlock + Transformer) x 1             -> (B,64,4,4)   [CrossAttnDownBlock2D]
       mid_block:      ResBlock, Transformer, ResBlock                          [UNetMidBlock2DCrossAttn]
-      up_blocks[0]:   (ResBlock + Transformer) x 3, upsample   -> (B,128,8,8)  [CrossAttnUpBlock2D]
-      up_blocks[1]:   (ResBlock + Transformer) x 3             -> (B,64,8,8)
+      up_blocks[0]:   (ResBlock + Transformer) x 2, upsample   -> (B,64,8,8)   [CrossAttnUpBlock2D]
+      up_blocks[1]:   (ResBlock + Transformer) x 2             -> (B,32,8,8)
     -> GroupNorm, SiLU, conv_out -> eps (B,4,8,8)
+    (SD 1.5 has 4 resolutions, 2 layers per down block, 3 per up block, and 860M parameters; this
+    one has 2, 1 and 2, and about 1.1M: small enough to train on a laptop CPU.)
 
 Every down-block layer pushes its output onto a stack of skip connections; every up-block
 ResBlock pops one and concatenates it. A ``Transformer`` block is self-attention over the
@@ -43,13 +45,13 @@ from .attention import Attention
 class UNetConfig:
     in_channels: int = 4  # latent channels of the VAE
     out_channels: int = 4  # predicts noise of the same shape
-    block_channels: tuple = (64, 128)  # channels per resolution (8x8, 4x4); SD 1.5: (320, 640, 1280, 1280)
-    layers_per_block: int = 2  # ResBlock+Transformer pairs per down block (SD 1.5: 2)
+    block_channels: tuple = (32, 64)  # channels per resolution (8x8, 4x4); SD 1.5: (320, 640, 1280, 1280)
+    layers_per_block: int = 1  # ResBlock+Transformer pairs per down block (SD 1.5: 2)
     attention: tuple = (True, True)  # self+cross attention at each resolution (SD 1.5: all but the lowest)
     heads: int = 4  # attention heads (SD 1.5: 8)
     context_dim: int = 128  # width of the text hidden states (= CLIPConfig.width; SD 1.5: 768)
-    time_embed_dim: int = 256  # timestep embedding width (SD: 4 * block_channels[0])
-    norm_groups: int = 16  # GroupNorm groups (SD: 32)
+    time_embed_dim: int = 128  # timestep embedding width (SD: 4 * block_channels[0])
+    norm_groups: int = 8  # GroupNorm groups (SD: 32)
     ff_mult: int = 4  # feed-forward expansion in the transformer blocks, as in SD
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # what the network was trained to output
 
@@ -227,6 +229,17 @@ class UNet(nn.Module):
         out = [ch[0]]
         for i, c in enumerate(ch):
             out += [c] * n + ([c] if i < len(ch) - 1 else [])
+        return out
+
+    def skip_shapes(self, height: int, width: int) -> list[tuple[int, int, int]]:
+        """(channels, height, width) of every skip connection for a (B, 4, height, width) latent."""
+        ch, n = self.config.block_channels, self.config.layers_per_block
+        out, h, w = [(ch[0], height, width)], height, width
+        for i, c in enumerate(ch):
+            out += [(c, h, w)] * n
+            if i < len(ch) - 1:
+                h, w = (h + 1) // 2, (w + 1) // 2
+                out.append((c, h, w))
         return out
 
     def embed_time(self, timestep: torch.Tensor | float | int, batch: int, like: torch.Tensor) -> torch.Tensor:
