@@ -125,7 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 by default: on a busy 2-core machine more threads wait on each other")
     p.add_argument("--out", default="artifacts/bench_sampler_adherence")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 16 prompts, steps 1 5 20 50, scales 1 and 5 (unless given)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 16 prompts, steps 1 5 20 50, scales 1 and 5 (unless given)")
     args = p.parse_args(argv)
     if args.quick:  # smaller defaults; explicit options still win
         args.prompts = 16 if args.prompts == p.get_default("prompts") else args.prompts

@@ -49,7 +49,8 @@ PAIRS = {
     "euler": (EulerDiscreteScheduler, {}, lambda n: make_timesteps(n, spacing="linspace", integer=False),
               {"init_noise_sigma": "sigma_max"}),
     "euler_ancestral": (EulerAncestralDiscreteScheduler, {},
-                        lambda n: make_timesteps(n, spacing="linspace", integer=False), {"init_noise_sigma": "sigma_max"}),
+                        lambda n: make_timesteps(n, spacing="linspace", integer=False),
+                        {"init_noise_sigma": "sigma_max"}),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2},
                  lambda n: make_timesteps(n, spacing="linspace", count_final_step=True), {}),
 }

@@ -28,6 +28,10 @@ Notation used in the comments (code name -> paper symbol):
     sigma            sqrt((1 - a) / a), the noise level of x / sqrt(a) (Karras et al. 2022)
     alpha, sig       sqrt(a), sqrt(1 - a): DPM-Solver's alpha_t, sigma_t; lam = log(alpha / sig)
 
+From the model's output to x0 and eps, for x_t = sqrt(a) x0 + sqrt(1-a) eps:
+    epsilon       x0 = (x_t - sqrt(1-a) out) / sqrt(a)          eps = out      (DDPM eq. 15)
+    v_prediction  x0 = sqrt(a) x_t - sqrt(1-a) out              eps = sqrt(a) out + sqrt(1-a) x_t
+
 Euler, Euler ancestral (and k-diffusion) work on x / sqrt(a) = x0 + sigma * eps instead of x_t;
 their callback's x is that variable. Nothing here changes a caller's tensor in place.
 """
@@ -327,9 +331,10 @@ def euler(
 
     init_noise_sigma: how unit noise becomes the starting x. "exact" multiplies by
     sqrt(sigma_max^2 + 1) = 1 / sqrt(a_T), the exact change of variables, so the model's first
-    input is the noise itself, as for DDIM. "sigma_max" multiplies by sigma_max, k-diffusion's
-    convention, which diffusers' Euler schedulers use with "linspace" and "trailing" spacing
-    (they use "exact" with "leading"). The two differ by 0.2% at SD's sigma_max = 14.6.
+    input is the noise itself, as for DDIM. "sigma_max" multiplies by that first sigma alone,
+    k-diffusion's convention, which diffusers' Euler schedulers use with "linspace" and
+    "trailing" spacing (they use "exact" with "leading"). The two differ by 0.2% at SD's
+    sigma_max = 14.6.
     """
     _check_inputs(x, schedule, prediction_type)
     ts, sigmas, x = _euler_setup(x, schedule, timesteps, init_noise_sigma)

@@ -16,7 +16,13 @@ from course_lib.samplers import (
     sample,
     sigmas_at,
 )
-from course_lib.schedules import NoiseSchedule, make_timesteps, rescale_zero_terminal_snr, scaled_linear_betas, sd_schedule
+from course_lib.schedules import (
+    NoiseSchedule,
+    make_timesteps,
+    rescale_zero_terminal_snr,
+    scaled_linear_betas,
+    sd_schedule,
+)
 
 SCHED = sd_schedule()
 SHAPE = (2, 4, 8, 8)

@@ -18,7 +18,13 @@ from diffusers import (
 )
 
 from course_lib.samplers import ddim, ddpm, dpmpp_2m, euler, euler_ancestral
-from course_lib.schedules import NoiseSchedule, make_timesteps, rescale_zero_terminal_snr, scaled_linear_betas, sd_schedule
+from course_lib.schedules import (
+    NoiseSchedule,
+    make_timesteps,
+    rescale_zero_terminal_snr,
+    scaled_linear_betas,
+    sd_schedule,
+)
 
 TOL = 1e-5
 SD_CONFIG = dict(  # Stable Diffusion 1.x's scheduler_config.json
@@ -91,7 +97,8 @@ def test_ddpm_original_1000_steps():
     sched = DDPMScheduler(clip_sample=False)
     ref = diffusers_loop(sched, 1000, noise(), MODEL, seed=3)
     course = NoiseSchedule.from_betas(sched.betas)
-    ours = ddpm(MODEL, noise(), course, make_timesteps(1000, steps_offset=0), generator=torch.Generator().manual_seed(3))
+    ours = ddpm(MODEL, noise(), course, make_timesteps(1000, steps_offset=0),
+                generator=torch.Generator().manual_seed(3))
     assert max_diff(ours, ref) <= TOL
 
 
