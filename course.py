@@ -87,6 +87,10 @@ def cmd_test(args: list) -> int:
     # Two workers: one notebook kernel per worker; --dist loadscope keeps each notebook on one kernel.
     workers = env.get("COURSE_TEST_WORKERS", "2")
     xdist = [] if workers == "0" else ["-n", workers, "--dist", "loadscope"]
+    if workers not in ("0", "1"):
+        # One thread per worker (and per notebook kernel): two workers on two cores, not four threads
+        # fighting over two cores, which makes small tensor ops many times slower.
+        env.setdefault("OMP_NUM_THREADS", "1")
     return run([py, "-m", "pytest", *xdist, *args], env=env)
 
 
