@@ -71,8 +71,8 @@ class CLIPTraining:
 
 @dataclass
 class UNetTraining:
-    steps: int = 2500  # optimiser steps
-    batch_size: int = 96  # latents per step
+    steps: int = 3000  # optimiser steps
+    batch_size: int = 64  # latents per step
     n_scenes: int = 20_000  # training scenes encoded to latents once, before training (a fresh posterior sample each step)
     lr: float = 2e-3  # peak AdamW learning rate
     caption_dropout: float = 0.1  # fraction of captions replaced by "" so the model also learns the unconditional eps

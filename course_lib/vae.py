@@ -161,8 +161,9 @@ class LatentDistribution:
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """z = mean + std * eps, the reparameterisation trick; eps drawn from ``generator``."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps
+        where = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=where, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)  # a CPU generator gives the same noise on any device
 
     def mode(self) -> torch.Tensor:
         return self.mean

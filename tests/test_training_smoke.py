@@ -1,0 +1,50 @@
+"""A few steps of every training function on tiny models: they run, write loadable files, and are seeded."""
+
+import json
+
+import torch
+
+from course_lib import data, train
+from course_lib.tiny_sd import load_tiny_sd
+from course_lib.weights import load_clip, load_evaluator, load_unet, load_vae, read_card
+
+
+def test_quick_command_trains_every_model_and_the_pipeline_loads(tmp_path):
+    train.main(["--quick", "--out", str(tmp_path), "--quiet", "--threads", "1"])
+    for name in train.MODELS:
+        card = json.loads((tmp_path / f"{name}.json").read_text())
+        assert card["steps"] == 5 and card["device"] == "cpu" and card["wall_time_s"] >= 0
+        assert len(card["loss"]["curve"]) >= 1 and "torch" in card["versions"]
+    for loader in (load_evaluator, load_vae, load_clip, load_unet):
+        loader(tmp_path)
+    assert read_card("vae", tmp_path)["config"]["scaling_factor"] > 0
+    pipe = load_tiny_sd(weights_dir=tmp_path)
+    out = pipe.generate(["a small red circle in the centre"], num_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 3, 64, 64)
+
+
+def test_training_is_seeded(tmp_path):
+    s = train.quick_settings()
+    scenes, held = data.generate(64, seed=0), data.generate(16, seed=0, split="heldout")
+    tc, cfg = s["evaluator"]
+    a = train.train_evaluator(scenes, held, tc=tc, config=cfg, out_dir=tmp_path / "a", quiet=True)
+    b = train.train_evaluator(scenes, held, tc=tc, config=cfg, out_dir=tmp_path / "b", quiet=True)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_vae_crops_hold_an_object_and_sit_on_the_latent_grid():
+    scenes = data.generate(32, seed=4)
+    g = torch.Generator().manual_seed(0)
+    crops = train.object_crops(scenes, torch.arange(32), 32, g)
+    assert crops.shape == (32, 3, 32, 32) and crops.dtype == torch.uint8
+    background = torch.tensor([data.BACKGROUND_RGB[data.BACKGROUNDS[int(b)]] for b in scenes.background])
+    differs = (crops != background[:, :, None, None]).any(1).flatten(1).any(1)  # some non-background pixel
+    assert differs.float().mean() > 0.9
+
+
+def test_learning_rate_schedule():
+    assert train.lr_at(0, 1000, 1.0, warmup=100) == 0.01
+    assert train.lr_at(100, 1000, 1.0, warmup=100) == 1.0
+    assert abs(train.lr_at(999, 1000, 1.0, warmup=100) - 0.05) < 1e-3
+    assert train.lr_at(999, 1000, 1.0, warmup=100, cosine=False) == 1.0
