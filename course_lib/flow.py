@@ -103,6 +103,17 @@ def flow_sigmas(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1
     return torch.cat([sigmas, torch.zeros(1)])
 
 
+def uniform_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:
+    """``num_steps + 1`` evenly spaced noise levels from 1 to 0 (then shifted): the plain rectified-flow schedule.
+
+    Unlike ``flow_sigmas`` (diffusers' schedule, whose last step only covers 1/1000 -> 0), every step
+    here covers the same stretch of sigma, so n steps are n useful steps.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    return shift_sigmas(torch.linspace(1.0, 0.0, num_steps + 1), shift)
+
+
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor) -> torch.Tensor:
     """One Euler step of dx/dsigma = v from ``sigma`` to ``sigma_next`` (< sigma): x + (sigma_next - sigma) * v."""
     return x + (sigma_next - sigma) * v

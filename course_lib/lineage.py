@@ -20,6 +20,7 @@ Two ways of counting, which differ on purpose (see ``count``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, SD3Transformer2DModel, UNet2DConditionModel
@@ -197,6 +198,41 @@ SD15_CONTROLNET = dict(
 )
 
 # --------------------------------------------------------------------------------------------
+# SDXL micro-conditioning
+# --------------------------------------------------------------------------------------------
+
+
+def sdxl_add_time_ids(original_size: tuple[int, int], crops_coords_top_left: tuple[int, int],
+                      target_size: tuple[int, int]) -> torch.Tensor:
+    """SDXL base's six extra numbers: (orig h, orig w, crop top, crop left, target h, target w), shape (1, 6).
+
+    Training images were often smaller than 1024 or cropped; SDXL is told by how much, so that at
+    sampling time one can ask for "an uncropped 1024x1024 original" (the default) and get centred subjects.
+    """
+    return torch.tensor([list(original_size) + list(crops_coords_top_left) + list(target_size)], dtype=torch.float32)
+
+
+def refiner_add_time_ids(original_size: tuple[int, int], crops_coords_top_left: tuple[int, int],
+                         aesthetic_score: float = 6.0) -> torch.Tensor:
+    """The refiner's five: (orig h, orig w, crop top, crop left, aesthetic score), shape (1, 5). Pipelines use 6.0 (and 2.5 for the negative prompt)."""
+    return torch.tensor([list(original_size) + list(crops_coords_top_left) + [aesthetic_score]], dtype=torch.float32)
+
+
+def added_embedding_input(add_time_ids: torch.Tensor, pooled_text: torch.Tensor, time_embed_dim: int = 256) -> torch.Tensor:
+    """The vector that SDXL's ``add_embedding`` MLP reads, computed as ``UNet2DConditionModel`` does for "text_time".
+
+    Each number of ``add_time_ids`` (B, n) gets a ``time_embed_dim``-wide sinusoidal embedding (the same
+    ``Timesteps`` layer as the diffusion timestep); they are flattened and appended to the pooled text
+    embedding (B, P): the result is (B, P + n * time_embed_dim), e.g. 1280 + 6 * 256 = 2816.
+    """
+    from diffusers.models.embeddings import Timesteps
+
+    time_proj = Timesteps(time_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)  # no parameters
+    time_embeds = time_proj(add_time_ids.flatten()).reshape(add_time_ids.shape[0], -1)  # (B, n * time_embed_dim)
+    return torch.cat([pooled_text, time_embeds.to(pooled_text)], dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
 # Parts and releases
 # --------------------------------------------------------------------------------------------
 
@@ -232,6 +268,7 @@ class Release:
     text_tokens: str = "77"  # how many text tokens the denoiser attends to
     hub_id: str | None = None  # the diffusers-format repository that exists today (text only: nothing is downloaded)
     hub_note: str = ""
+    default_time_ids: Callable[[], torch.Tensor] | None = None  # SDXL's micro-conditioning at its pipeline defaults
 
     def parts(self) -> dict[str, Part]:
         """Every network by role, in pipeline order: {"denoiser": ..., "vae": ..., "text encoder 1": ..., ...}."""
@@ -295,6 +332,7 @@ SDXL_BASE = Release(
     text_encoders=(_L14, _BIGG),
     extra_conditioning="pooled bigG text + original size, crop, target size",
     hub_id="stabilityai/stable-diffusion-xl-base-1.0",
+    default_time_ids=lambda: sdxl_add_time_ids((1024, 1024), (0, 0), (1024, 1024)),
 )
 SDXL_REFINER = Release(
     "SDXL refiner", 2023,
@@ -303,6 +341,7 @@ SDXL_REFINER = Release(
     text_encoders=(_BIGG,),
     extra_conditioning="pooled bigG text + original size, crop, aesthetic score",
     hub_id="stabilityai/stable-diffusion-xl-refiner-1.0",
+    default_time_ids=lambda: refiner_add_time_ids((1024, 1024), (0, 0), 6.0),
 )
 SD3_MEDIUM = Release(
     "SD 3 medium", 2024,
@@ -317,6 +356,63 @@ SD3_MEDIUM = Release(
 )
 
 RELEASES: dict[str, Release] = {r.name: r for r in (SD15, SD21, SDXL_BASE, SDXL_REFINER, SD3_MEDIUM)}
+
+# --------------------------------------------------------------------------------------------
+# What the denoiser reads: text widths and example inputs, derived from the text encoders' configs
+# --------------------------------------------------------------------------------------------
+
+SD3_T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length for T5
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    tokens: int  # text tokens the denoiser attends to
+    width: int  # width of each token's vector
+    pooled: int | None  # width of the pooled text vector fed into the timestep embedding (None: not used)
+
+
+def text_conditioning(release: Release) -> TextConditioning:
+    """What the pipeline hands the denoiser, computed from the *text encoders'* configs only.
+
+    - CLIP towers' per-token outputs are concatenated along the feature axis (SDXL: 768 + 1280 = 2048).
+    - Pooled vectors come from the towers with a projection head, concatenated (SDXL: 1280; SD 3: 768 + 1280).
+    - With T5 (SD 3), the CLIP features are zero-padded to T5's width and the T5 tokens are appended
+      along the sequence: 77 CLIP + 256 T5 tokens, each 4096 wide.
+    Running the denoiser on inputs of these shapes (``denoiser_inputs``) checks them against its config.
+    """
+    clips = [p for p in release.text_encoders if p.cls in (CLIPTextModel, CLIPTextModelWithProjection)]
+    t5s = [p for p in release.text_encoders if p.cls is T5EncoderModel]
+    width = sum(p.config["hidden_size"] for p in clips)
+    tokens = max(p.config["max_position_embeddings"] for p in clips)
+    pooled = sum(p.config["projection_dim"] for p in clips if p.cls is CLIPTextModelWithProjection) or None
+    for t5 in t5s:
+        width = max(width, t5.config["d_model"])
+        tokens += SD3_T5_TOKENS
+    return TextConditioning(tokens, width, pooled)
+
+
+def denoiser_inputs(release: Release, batch: int = 1, height: int | None = None, width: int | None = None) -> dict:
+    """Keyword arguments for a forward call of ``release.denoiser`` at ``height`` x ``width`` (default: native).
+
+    The tensors are random and made on the current default device: call it inside ``with torch.device("meta"):``
+    to get shape-only inputs for a network built on meta. The text shapes come from ``text_conditioning``, so a
+    forward call that runs proves that the text encoders' widths fit the denoiser's config.
+    """
+    height = height or release.native_resolution
+    width = width or release.native_resolution
+    text = text_conditioning(release)
+    latent = torch.randn(batch, *release.latent_shape(height, width))
+    context = torch.randn(batch, text.tokens, text.width)
+    t = torch.full((batch,), 500.0)
+    if release.denoiser.cls is SD3Transformer2DModel:
+        return dict(hidden_states=latent, encoder_hidden_states=context, pooled_projections=torch.randn(batch, text.pooled),
+                    timestep=t)
+    kwargs = dict(sample=latent, timestep=t, encoder_hidden_states=context)
+    if release.default_time_ids is not None:
+        time_ids = release.default_time_ids().to(latent.device).expand(batch, -1)
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, text.pooled), "time_ids": time_ids}
+    return kwargs
+
 
 # --------------------------------------------------------------------------------------------
 # Counting
@@ -362,16 +458,16 @@ def count(model: nn.Module) -> Count:
 
 
 def breakdown(model: nn.Module) -> dict[str, int]:
-    """Parameters by kind of layer: transformer blocks, ResNet blocks, embeddings, everything else.
+    """Parameters by kind of layer: attention/transformer layers, ResNet blocks, embeddings, everything else.
 
     The kind comes from the parameter's name in the diffusers / transformers module tree. Shared tensors
     are counted once (where ``named_parameters`` first meets them), so the values add up to ``count(model).parameters``.
     """
-    kinds = {"transformer blocks": 0, "ResNet blocks": 0, "embeddings": 0, "other": 0}
+    kinds = {"attention/transformer": 0, "ResNet blocks": 0, "embeddings": 0, "other": 0}
     for name, p in model.named_parameters():
         parts = name.split(".")
         if any(k in parts for k in ("attentions", "transformer_blocks", "layers", "block", "layer")):
-            kinds["transformer blocks"] += p.numel()  # U-Net transformers, MMDiT blocks, CLIP and T5 layers
+            kinds["attention/transformer"] += p.numel()  # U-Net transformers, MMDiT blocks, CLIP/T5 layers, VAE attention
         elif "resnets" in parts or any(k.startswith("resnet") for k in parts):
             kinds["ResNet blocks"] += p.numel()
         elif any("embed" in k or k == "shared" for k in parts):
@@ -403,43 +499,68 @@ def fmt_params(n: int) -> str:
     return f"{n / 1e3:.1f}K"
 
 
-# --------------------------------------------------------------------------------------------
-# SDXL micro-conditioning
-# --------------------------------------------------------------------------------------------
-
-
-def sdxl_add_time_ids(original_size: tuple[int, int], crops_coords_top_left: tuple[int, int],
-                      target_size: tuple[int, int]) -> torch.Tensor:
-    """SDXL base's six extra numbers: (orig h, orig w, crop top, crop left, target h, target w), shape (1, 6).
-
-    Training images were often smaller than 1024 or cropped; SDXL is told by how much, so that at
-    sampling time one can ask for "an uncropped 1024x1024 original" (the default) and get centred subjects.
-    """
-    return torch.tensor([list(original_size) + list(crops_coords_top_left) + list(target_size)], dtype=torch.float32)
-
-
-def refiner_add_time_ids(original_size: tuple[int, int], crops_coords_top_left: tuple[int, int],
-                         aesthetic_score: float = 6.0) -> torch.Tensor:
-    """The refiner's five: (orig h, orig w, crop top, crop left, aesthetic score), shape (1, 5). Pipelines use 6.0 (and 2.5 for the negative prompt)."""
-    return torch.tensor([list(original_size) + list(crops_coords_top_left) + [aesthetic_score]], dtype=torch.float32)
-
-
-def added_embedding_input(add_time_ids: torch.Tensor, pooled_text: torch.Tensor, time_embed_dim: int = 256) -> torch.Tensor:
-    """The vector that SDXL's ``add_embedding`` MLP reads, computed as ``UNet2DConditionModel`` does for "text_time".
-
-    Each number of ``add_time_ids`` (B, n) gets a ``time_embed_dim``-wide sinusoidal embedding (the same
-    ``Timesteps`` layer as the diffusion timestep); they are flattened and appended to the pooled text
-    embedding (B, P): the result is (B, P + n * time_embed_dim), e.g. 1280 + 6 * 256 = 2816.
-    """
-    from diffusers.models.embeddings import Timesteps
-
-    time_proj = Timesteps(time_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)  # no parameters
-    time_embeds = time_proj(add_time_ids.flatten()).reshape(add_time_ids.shape[0], -1)  # (B, n * time_embed_dim)
-    return torch.cat([pooled_text, time_embeds.to(pooled_text)], dim=-1)
-
-
 def sd3_token_count(height: int, width: int, release: Release = SD3_MEDIUM) -> int:
     """Image tokens SD 3's MMDiT attends over for a height x width image: (h/8/p) * (w/8/p)."""
     _, h, w = release.latent_shape(height, width)
     p = release.denoiser.config["patch_size"]
     return (h // p) * (w // p)
+
+
+# --------------------------------------------------------------------------------------------
+# Lesson 8's "check yourself" cell (built on the course's checker framework, course_lib.checking)
+# --------------------------------------------------------------------------------------------
+
+
+def mmdit_sequence_length(height: int, width: int, clip_tokens: int = 77, t5_tokens: int = 256) -> int:
+    """Tokens in one joint attention of SD 3 medium: the image's patches plus the text's tokens."""
+    return sd3_token_count(height, width) + clip_tokens + t5_tokens
+
+
+def check_yourself(sdxl_ratio, mmdit_sequence_length_fn, sdxl_time_ids_fn):
+    """Check lesson 8's three answers with seeded cases; shows a table, stops with one line if a check fails.
+
+    sdxl_ratio:                 SDXL base U-Net parameters / SD 1.5 U-Net parameters (a number)
+    mmdit_sequence_length_fn:   (height, width) -> tokens in one SD 3 medium joint attention (image + 77 + 256)
+    sdxl_time_ids_fn:           (original_size, crops_coords_top_left, target_size) -> SDXL's six numbers
+    """
+    from course_lib.checking import Exercise, run_in_notebook
+
+    ex = Exercise("l08_check_yourself", "Lesson 8: the lineage in numbers",
+                  targets=("sdxl_ratio", "mmdit_sequence_length", "sdxl_time_ids"))
+
+    @ex.check("sdxl_ratio: SDXL base's U-Net over SD 1.5's, from the parameters() counts",
+              hint="count(SDXL_BASE.denoiser.build()).parameters / count(SD15.denoiser.build()).parameters")
+    def _(run, learner):
+        want = count(SDXL_BASE.denoiser.build()).parameters / count(SD15.denoiser.build()).parameters
+        run.close(run.get(learner.sdxl_ratio, "sdxl_ratio"), want, "sdxl_ratio", rtol=1e-3)
+
+    @ex.check("mmdit_sequence_length(h, w): image tokens (latent side / 2 per axis) + 77 CLIP + 256 T5 tokens",
+              hint="latent = pixels / 8, then 2x2 patches: (h // 16) * (w // 16) image tokens, plus 77 + 256 text tokens.")
+    def _(run, learner):
+        rng = run.rng(0)
+        sizes = [(1024, 1024), (512, 768)] + [tuple(int(v) * 16 for v in rng.integers(16, 96, size=2)) for _ in range(3)]
+        for h, w in sizes:
+            got = run.call(learner.mmdit_sequence_length, h, w)
+            run.equal(got, mmdit_sequence_length(h, w), f"mmdit_sequence_length({h}, {w})")
+
+    @ex.check("sdxl_time_ids(original, crop, target): the six numbers, in the order the U-Net was trained with",
+              hint="(original h, original w, crop top, crop left, target h, target w), as a (1, 6) tensor, like "
+                   "diffusers' StableDiffusionXLPipeline._get_add_time_ids.")
+    def _(run, learner):
+        rng = run.rng(1)
+        for _ in range(3):
+            orig = tuple(int(v) * 64 for v in rng.integers(4, 24, size=2))
+            crop = tuple(int(v) * 8 for v in rng.integers(0, 32, size=2))
+            want = sdxl_add_time_ids(orig, crop, (1024, 1024))
+            got = run.call(learner.sdxl_time_ids, orig, crop, (1024, 1024))
+            run.close(got, want, f"sdxl_time_ids({orig}, {crop}, (1024, 1024))", kind="tensor")
+
+    return run_in_notebook(ex, (sdxl_ratio, mmdit_sequence_length_fn, sdxl_time_ids_fn))
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table (for ``IPython.display.Markdown``): the lesson's computed tables render in Jupyter and on GitHub."""
+    cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+    return "\n".join(lines)

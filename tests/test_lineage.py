@@ -121,7 +121,7 @@ def test_breakdown_adds_up(counts, sdxl_unet):
             kinds = L.breakdown(part.build())
             assert sum(kinds.values()) == counts[release.name][role].parameters, (release.name, role)
     kinds = L.breakdown(sdxl_unet)
-    assert kinds["transformer blocks"] > kinds["ResNet blocks"] > 0
+    assert kinds["attention/transformer"] > kinds["ResNet blocks"] > 0
 
 
 def test_add_time_ids_match_the_sdxl_pipelines(sdxl_unet):
@@ -165,3 +165,7 @@ def test_fmt_params():
     assert L.fmt_params(2_567_463_684) == "2.567B"
     assert L.fmt_params(859_520_964) == "859.52M"
     assert L.fmt_params(12_345) == "12.3K"
+
+
+def test_markdown_table():
+    assert L.markdown_table(["a", "b"], [[1, "x|y"]]) == "| a | b |\n| --- | --- |\n| 1 | x\\|y |"
