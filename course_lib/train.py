@@ -45,16 +45,17 @@ class EvaluatorTraining:
     steps: int = 1000  # optimiser steps
     batch_size: int = 64  # scenes per step
     lr: float = 2e-3  # peak AdamW learning rate (cosine decay after a short warm-up)
-    noise_std: float = 0.08  # max std of Gaussian noise added to inputs, so blurry or noisy generations still read
+    noise_std: float = 0.08  # max std of Gaussian noise added to inputs, so noisy generations still read
+    blur_sigma: float = 1.0  # max std (pixels) of a Gaussian blur applied to half the inputs: decoded images are soft
     seed: int = 0  # initialisation and batch order
 
 
 @dataclass
 class VAETraining:
-    steps: int = 3000  # optimiser steps
+    steps: int = 6000  # optimiser steps
     batch_size: int = 32  # scenes per step
     crop: int = 32  # train on crops of this side around an object (0: whole images); SD's VAE trained on 256 crops
-    full_image_steps: int = 300  # the last steps see whole 64x64 images, as the VAE is used
+    full_image_steps: int = 600  # the last steps see whole 64x64 images, as the VAE is used
     lr: float = 2e-3  # peak AdamW learning rate
     kl_weight: float = 1e-6  # weight of the per-image KL sum; tiny, as in SD (it only stops latents drifting)
     seed: int = 0  # initialisation, batch order and the reparameterisation noise
@@ -144,6 +145,20 @@ def _bar(total: int, name: str, quiet: bool):
 
 # --- 1. The evaluator. -------------------------------------------------------------------------------
 
+def random_blur(x: torch.Tensor, max_sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """Blur half of the images with a Gaussian of random std in [0, max_sigma] pixels (5x5 kernel)."""
+    if max_sigma <= 0:
+        return x
+    b = x.shape[0]
+    sigma = torch.rand(b, generator=generator) * max_sigma * (torch.rand(b, generator=generator) < 0.5)  # (B,)
+    r = torch.arange(-2, 3, dtype=x.dtype)
+    k = torch.exp(-r[None] ** 2 / (2 * sigma[:, None].clamp_min(1e-3) ** 2))  # (B, 5)
+    k = k / k.sum(1, keepdim=True)
+    kernel = (k[:, :, None] * k[:, None, :]).repeat_interleave(3, 0)[:, None]  # (B*3, 1, 5, 5)
+    padded = torch.nn.functional.pad(x.reshape(1, b * 3, *x.shape[2:]), (2, 2, 2, 2), mode="replicate")
+    return torch.nn.functional.conv2d(padded, kernel, groups=b * 3).reshape(x.shape)  # (B, 3, H, W)
+
+
 def train_evaluator(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings = DataSettings(),
                     tc: EvaluatorTraining = EvaluatorTraining(), config: EvaluatorConfig = EvaluatorConfig(),
                     out_dir: str | Path = WEIGHTS_DIR, device="cpu", quiet: bool = False) -> Evaluator:
@@ -157,8 +172,8 @@ def train_evaluator(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSet
     log = LossLog()
     with _bar(tc.steps, "evaluator", quiet) as bar:
         for step, idx in enumerate(batches(len(scenes), tc.batch_size, tc.steps, g)):
-            x = data.to_float(scenes.images[idx])
-            # Robustness to what generators produce: a little Gaussian noise of random strength.
+            x = random_blur(data.to_float(scenes.images[idx]), tc.blur_sigma, g)
+            # Robustness to what generators produce: softened edges and a little Gaussian noise.
             x = x + torch.randn(x.shape, generator=g) * torch.rand(x.shape[0], 1, 1, 1, generator=g) * tc.noise_std
             loss = loss_fn(model(x.to(device)), {k: v[idx].to(device) for k, v in tgt.items()})
             for group in opt.param_groups:
