@@ -67,7 +67,7 @@ class KernelLost(Exception):
 class ExerciseIncomplete(Exception):
     """Raised by `check` when checks fail, so that nbval and "Run all" stop on it.
 
-    IPython shows `_render_traceback_` instead of a traceback: the table above says it all.
+    IPython shows `_render_traceback_` instead of a traceback: the table of checks, then one line.
     """
 
     def __init__(self, result: "ExerciseResult"):
@@ -75,11 +75,11 @@ class ExerciseIncomplete(Exception):
         failed = sum(not c.passed for c in result.checks)
         super().__init__(
             f"{result.exercise_id}: {failed} of {len(result.checks)} checks failed "
-            f"({result.score:g}/{result.max_score:g} points), see the table above"
+            f"({result.score:g}/{result.max_score:g} points)"
         )
 
     def _render_traceback_(self) -> list[str]:
-        return [f"ExerciseIncomplete: {self}"]
+        return [*self.result.render_text().splitlines(), "", f"ExerciseIncomplete: {self}"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,19 +529,19 @@ def _type_hint(got: Any, kind: str) -> str | None:
 # Notebook entry point
 # ----------------------------------------------------------------------------------------------
 def run_in_notebook(exercise: Exercise, objects: Sequence[Any], seeds: Sequence[int] = FEEDBACK_SEEDS) -> ExerciseResult:
-    """Run ``exercise``'s checks on objects defined in the notebook, show the table, and raise
-    `ExerciseIncomplete` (a one-line error, no traceback) when a check fails."""
+    """Run ``exercise``'s checks on objects defined in the notebook. When all pass, show the table;
+    otherwise raise `ExerciseIncomplete`, which IPython shows as the table and one line (no traceback)."""
     if len(objects) != len(exercise.targets):
         raise TypeError(f"check({exercise.id!r}, ...) takes {len(exercise.targets)} object(s): "
                         f"{', '.join(exercise.targets)}")
     agent = LocalAgent(dict(zip(exercise.targets, objects)))
     result = exercise.run(agent, seeds)
+    if not result.passed:
+        raise ExerciseIncomplete(result)
     try:
         from IPython.display import display
 
         display(result)
     except ImportError:
         print(result.render_text())
-    if not result.passed:
-        raise ExerciseIncomplete(result)
     return result

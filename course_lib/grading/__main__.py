@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--memory-mb", type=int, required=True)
     w.add_argument("--file-mb", type=int, default=256)
     w.add_argument("--pid-dir")
+    w.add_argument("--cache-dir")
     w.add_argument("--deny", action="append")
 
     args = parser.parse_args(argv)

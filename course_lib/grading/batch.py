@@ -62,7 +62,8 @@ def grade_batch(path: Path, out: Path, options: Options, workers: int = 2, solut
     shutil.copytree(notebooks.ROOT / "course_lib", snapshot / "course_lib",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     deny = (str(path if path.is_dir() else path.parent), str(out), str(private), str(solutions.resolve()))
-    options = Options(**{**options.__dict__, "deny": tuple(options.deny) + deny})
+    cache = Path(tempfile.mkdtemp(prefix="course-cache-"))  # readable by the kernels, written only before their hook
+    options = Options(**{**options.__dict__, "deny": tuple(options.deny) + deny, "cache_dir": str(cache)})
     root = path if path.is_dir() else path.parent
     todo: queue.Queue = queue.Queue()
     for sub in subs:
@@ -104,6 +105,7 @@ def grade_batch(path: Path, out: Path, options: Options, workers: int = 2, solut
             t.join()
     finally:
         shutil.rmtree(private, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
     ordered = [rows[s] for s in subs if s in rows]
     write_tables(ordered, out, wall_seconds=time.monotonic() - start, workers=workers)
     return ordered
@@ -125,7 +127,7 @@ class Worker:
         cmd = [options.python, "-m", "course_lib.grading", "_worker", "--solutions", str(solutions),
                "--seed", str(options.seed), "--timeout", str(options.timeout), "--cell-timeout",
                str(options.cell_timeout), "--memory-mb", str(options.memory_mb), "--file-mb", str(options.file_mb),
-               "--pid-dir", str(work)]
+               "--pid-dir", str(work), "--cache-dir", str(options.cache_dir)]
         for d in options.deny:
             cmd += ["--deny", d]
         self.log = open(work / "worker.log", "ab")
@@ -159,7 +161,9 @@ class Worker:
         status = "timeout" if timed_out else "grader_error"
         detail = (f"grading ran past {limit:g} s and was stopped" if timed_out
                   else f"the grading process failed (exit code {self.proc.returncode}): {tail}")
-        return {"submission": str(sub), "status": status, "score": 0.0, "max_score": _max_score(sub, self.solutions),
+        source = notebooks.source_for(sub, None, self.solutions)
+        return {"submission": str(sub), "source": source.name if source else None, "status": status, "score": 0.0,
+                "max_score": _max_score(sub, self.solutions),
                 "percent": 0.0, "exercises": [], "integrity": [], "flagged": False, "cell_errors": [],
                 "events": [{"kind": status, "detail": detail}], "seconds": round(time.monotonic() - start, 2),
                 "grader": {"seed": self.options.seed}}
@@ -248,15 +252,24 @@ def write_tables(rows: list[dict], out: Path, wall_seconds: float, workers: int)
                         "max_score": row["max_score"], "percent": row.get("percent", 0.0),
                         **{i: scores.get(i, "") for i in ids}, "flags": _flags(row),
                         "cell_errors": len(row.get("cell_errors", [])), "seconds": row.get("seconds", "")})
-    lines = ["| submission | status | score | " + " | ".join(ids) + " | flags | s |",
-             "| --- | --- | ---: | " + " | ".join("---:" for _ in ids) + " | --- | ---: |"]
+    lines: list[str] = []
+    groups: dict[str, list[dict]] = {}
     for row in rows:
-        scores = {e["exercise_id"]: e for e in row.get("exercises", [])}
-        cells = [f"{scores[i]['score']:g}/{scores[i]['max_score']:g}" if i in scores else "" for i in ids]
-        lines.append(f"| {row['submission']} | {row['status']} | {row['score']:g}/{row['max_score']:g} | "
-                     + " | ".join(cells) + f" | {_flags(row) or '-'} | {row.get('seconds', 0):.1f} |")
+        groups.setdefault(row.get("source") or "(no matching notebook)", []).append(row)
+    for source, group in groups.items():  # one table per notebook: its own exercise columns
+        cols = _exercise_ids(group)
+        if len(groups) > 1:
+            lines += [f"### {source}", ""]
+        lines += ["| submission | status | score | " + " | ".join(cols) + " | flags | seconds |",
+                  "| --- | --- | ---: | " + " | ".join("---:" for _ in cols) + " | --- | ---: |"]
+        for row in group:
+            scores = {e["exercise_id"]: e for e in row.get("exercises", [])}
+            cells = [f"{scores[i]['score']:g}/{scores[i]['max_score']:g}" if i in scores else "" for i in cols]
+            lines.append(f"| {row['submission']} | {row['status']} | {row['score']:g}/{row['max_score']:g} | "
+                         + " | ".join(cells) + f" | {_flags(row) or '-'} | {row.get('seconds', 0):.1f} |")
+        lines.append("")
     per = [r.get("seconds", 0.0) for r in rows]
-    lines += ["", f"{len(rows)} submissions graded in {wall_seconds:.1f} s with {workers} workers; "
+    lines += [f"{len(rows)} submissions graded in {wall_seconds:.1f} s with {workers} workers; "
                   f"per submission {min(per, default=0):.1f} to {max(per, default=0):.1f} s "
                   f"(mean {sum(per) / max(len(per), 1):.1f} s)."]
     (out / "grades.md").write_text("\n".join(lines) + "\n")
@@ -271,7 +284,7 @@ def worker_main(args) -> int:
 
     options = Options(timeout=args.timeout, cell_timeout=args.cell_timeout, memory_mb=args.memory_mb,
                       file_mb=args.file_mb, seed=args.seed, deny=tuple(args.deny or ()), python=sys.executable,
-                      pid_dir=args.pid_dir)
+                      pid_dir=args.pid_dir, cache_dir=args.cache_dir)
     for line in sys.stdin:
         job = json.loads(line)
         sub = Path(job["submission"])

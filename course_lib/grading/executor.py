@@ -87,7 +87,7 @@ class Kernel:
         home = self.scratch
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(home), "TMPDIR": str(home), "MPLCONFIGDIR": str(home / ".mpl"),
+            "HOME": str(home), "TMPDIR": str(home), "MPLCONFIGDIR": self.options.cache_dir or str(home / ".mpl"),
             "IPYTHONDIR": str(home / ".ipython"), "MPLBACKEND": "Agg", "COURSE_PROGRESS": "0",
             "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "PYTHONPATH": str(notebooks.ROOT), "JUPYTER_PLATFORM_DIRS": "1",

@@ -16,4 +16,5 @@ class Options:
     deny: tuple[str, ...] = ()  # extra folders the kernel may not read (the submissions, the reports)
     python: str = sys.executable
     keep_scratch: bool = False
+    cache_dir: str | None = None  # shared by the kernels of a batch (matplotlib's font cache)
     pid_dir: str | None = None  # where the kernel's pid is written, for the batch to clean up after a kill

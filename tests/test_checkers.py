@@ -1,0 +1,380 @@
+"""The checking framework (course_lib/checking.py, course_lib/agent.py) and the exercises' checks.
+
+- Feedback, not tracebacks: wrong types and shapes, NaNs, exceptions, slow or endless code, tensors
+  changed in place, missing names, and bugs in a check itself each give one row of feedback.
+- A warning, or text on stderr, never fails a check.
+- Every exercise's checks pass on its solution and fail, with feedback, on the generated stub; an
+  answer tuned to the notebook's seeds fails under other seeds.
+- The checks' reference implementations equal the libraries people use (diffusers, transformers,
+  torch), so a learner is never graded against a wrong answer.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+import torch
+
+from course_lib.agent import LocalAgent, dumps, from_wire, loads, to_wire
+from course_lib.checking import FEEDBACK_SEEDS, Exercise, ExerciseIncomplete, Run, run_in_notebook
+from course_lib.checks import EXERCISES
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "hostile"))
+
+# ----------------------------------------------------------------------------------------------
+# A toy exercise: f(x) must return 2·x as a tensor
+# ----------------------------------------------------------------------------------------------
+TOY = Exercise("toy_double", "Double it", targets=("f",), call_timeout=1.0)
+
+
+@TOY.check("f(x) = 2x", points=2, hint="multiply by two")
+def _(run, learner):
+    for k in range(2):
+        x = run.randn(3, 4, k=k)
+        run.close(run.call(learner.f, x), 2 * x, "f(x)", kind="tensor")
+
+
+@TOY.check("f keeps the dtype", points=1)
+def _(run, learner):
+    got = run.call(learner.f, torch.ones(2, dtype=torch.float64))
+    run.equal(str(got.dtype), "torch.float64", "the dtype of f(x)")
+
+
+def grade(f) -> tuple[float, list]:
+    result = TOY.run(LocalAgent({"f": f}))
+    return result.score, result.checks
+
+
+def first_failure(f):
+    score, checks = grade(f)
+    return next(c for c in checks if not c.passed)
+
+
+def test_a_right_answer_gets_every_point():
+    score, checks = grade(lambda x: x * 2)
+    assert score == 3 and all(c.passed for c in checks)
+
+
+@pytest.mark.parametrize("f, expected_in_got, hint_word", [
+    (lambda x: (x * 2).numpy(), "numpy array", "torch.from_numpy"),  # wrong type
+    (lambda x: [v * 2 for v in x], "list", "torch.stack"),  # a list
+    (lambda x: None, "None", "return"),  # forgot to return
+    (lambda x: (x * 2)[:2], "shape (2, 4)", ""),  # wrong shape
+    (lambda x: x * 2 / 0 * 0, "NaN", "NaN"),  # NaN
+    (lambda x: x * 2.1, "max error", "multiply by two"),  # out of tolerance
+])
+def test_wrong_answers_get_feedback(f, expected_in_got, hint_word):
+    c = first_failure(f)
+    assert expected_in_got in c.got and c.expected
+    assert hint_word in c.hint
+
+
+def test_an_exception_in_the_learners_code_is_one_line_with_its_place():
+    def f(x):
+        y = x * 2
+        raise ValueError("bad input")
+
+    c = first_failure(f)
+    assert c.got.startswith("ValueError: bad input at line") and "raise ValueError" in c.got
+    assert "Traceback" not in c.got
+
+
+def test_endless_and_slow_code_is_stopped_and_reported():
+    def endless(x):
+        while True:
+            pass
+
+    def sleepy(x):
+        time.sleep(5)
+        return x * 2
+
+    def stubborn(x):  # swallows ordinary exceptions; the alarm is a BaseException
+        while True:
+            try:
+                time.sleep(0.05)
+            except Exception:
+                pass
+
+    for f in (endless, sleepy, stubborn):
+        start = time.monotonic()
+        c = first_failure(f)
+        assert "to finish within 1 s" in c.expected and "stopped" in c.got
+        assert time.monotonic() - start < 6  # three calls at most, one second each
+
+
+def test_warnings_and_stderr_never_fail_a_check(capsys):
+    def noisy(x):
+        warnings.warn("NNPACK is not supported on this hardware")
+        print("a message on stderr", file=sys.stderr)
+        print("and on stdout")
+        return x * 2
+
+    score, checks = grade(noisy)
+    assert score == 3
+    assert any("NNPACK" in w for w in checks[0].warnings)
+    assert capsys.readouterr() == ("", "")  # the learner's printing is swallowed during checks
+
+
+def test_changing_an_input_in_place_is_reported():
+    c = first_failure(lambda x: x.mul_(2))
+    assert "in place" in c.got and "argument 1" in c.got
+
+
+def test_a_missing_name_says_run_the_cell():
+    result = TOY.run(LocalAgent({}))
+    assert result.score == 0
+    assert all("f is not defined" in c.got and "Run the cell" in c.hint for c in result.checks)
+
+
+def test_not_implemented_says_not_written_yet():
+    def stub(x):
+        raise NotImplementedError("f: write your code here")
+
+    assert "not written yet" in first_failure(stub).got
+
+
+def test_a_bug_in_a_check_is_reported_not_raised():
+    ex = Exercise("buggy", "Buggy", targets=("f",))
+
+    @ex.check("divides by zero")
+    def _(run, learner):
+        1 / 0
+
+    result = ex.run(LocalAgent({"f": abs}))
+    assert not result.passed and "checker error" in result.checks[0].got and "bug" in result.checks[0].hint
+
+
+def test_the_learner_works_on_copies_of_the_checks_data():
+    seen = []
+
+    def f(x):
+        seen.append(x)
+        return x * 2
+
+    ex = Exercise("copy", "Copies", targets=("f",))
+
+    @ex.check("the reference is untouched")
+    def _(run, learner):
+        x = torch.ones(3)
+        run.call(learner.f, x)
+        seen[0].fill_(7)  # the learner keeps a reference and changes it later
+        run.close(x, torch.ones(3), "the check's own tensor", rtol=0, atol=0)
+
+    assert ex.run(LocalAgent({"f": f})).passed
+
+
+def test_the_notebook_entry_point_raises_one_line():
+    with pytest.raises(ExerciseIncomplete) as info:
+        run_in_notebook(TOY, [lambda x: x * 3])
+    lines = info.value._render_traceback_()  # what IPython shows instead of a traceback
+    assert lines[-1].startswith("ExerciseIncomplete: toy_double: 1 of 2 checks failed")
+    text = "\n".join(lines)
+    assert "FAIL" in text and "expected:" in text and "got:" in text and "hint:" in text
+    assert "Traceback" not in text and "File " not in text
+
+
+def test_wire_round_trip_keeps_data_and_refuses_code():
+    data = {"a": torch.arange(3), (0, 49): 1.5, "n": np.float32(2.5), "arr": np.ones((2, 2)), "s": [None, True, "x"]}
+    back = from_wire(loads(dumps(to_wire(data, keep=lambda o: 1))))
+    assert torch.equal(back["a"], data["a"]) and back[(0, 49)] == 1.5 and isinstance(back["n"], np.float32)
+    assert np.array_equal(back["arr"], data["arr"]) and back["s"] == [None, True, "x"]
+    assert from_wire(to_wire(object(), keep=lambda o: 7)).root == ("handle", 7)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    import pickle
+
+    with pytest.raises(Exception):
+        loads(pickle.dumps(Evil(), protocol=2))  # weights_only refuses arbitrary callables
+
+
+def test_grading_seeds_differ_from_the_notebooks():
+    run_nb = Run(None, TOY, FEEDBACK_SEEDS)
+    run_grade = Run(None, TOY, (123456, 123457, 123458))
+    assert not torch.equal(run_nb.randn(4), run_grade.randn(4))
+    assert Run(None, TOY, FEEDBACK_SEEDS).seeds == run_nb.seeds  # and are reproducible
+
+
+# ----------------------------------------------------------------------------------------------
+# Every exercise: the solution passes, the stub fails with feedback (in this process, no kernel)
+# ----------------------------------------------------------------------------------------------
+def _namespace(folder: str, name: str) -> tuple[dict, list[str]]:
+    nb = nbformat.read(ROOT / folder / name, as_version=4)
+    ns: dict = {}
+    exercises = []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        if "checker" in cell.metadata.get("tags", []):
+            exercises.append(cell.metadata["course"]["exercise"])
+        elif not cell.id.endswith("explore"):
+            exec(compile(cell.source, f"{name}:{cell.id}", "exec"), ns)
+    return ns, exercises
+
+
+NOTEBOOKS = sorted(p.name for p in (ROOT / "solutions").glob("*.ipynb"))
+
+
+def test_every_exercise_has_a_check_cell():
+    found = [e for n in NOTEBOOKS for e in _namespace("solutions", n)[1]]
+    assert sorted(found) == sorted(EXERCISES)
+    assert len(EXERCISES) >= 14
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_solutions_pass_and_stubs_fail_with_feedback(name):
+    sol, exercises = _namespace("solutions", name)
+    stub, _ = _namespace("exercises", name)
+    for ex_id in exercises:
+        ex = EXERCISES[ex_id]
+        good = ex.run(LocalAgent({t: sol[t] for t in ex.targets}))
+        assert good.passed, good.render_text()
+        bad = ex.run(LocalAgent({t: stub[t] for t in ex.targets}))
+        assert bad.score == 0, bad.render_text()
+        for c in bad.checks:
+            assert c.expected and c.got and "checker error" not in c.got, (ex_id, c)
+
+
+def test_an_answer_for_the_notebooks_seeds_fails_other_seeds():
+    from corpus import one_seed_cheat
+
+    ns: dict = {}
+    exec(one_seed_cheat(), ns)
+    ex = EXERCISES["ex84_unet_analyzer"]
+    assert ex.run(LocalAgent({"UNetAnalyzer": ns["UNetAnalyzer"]}), FEEDBACK_SEEDS).passed
+    assert ex.run(LocalAgent({"UNetAnalyzer": ns["UNetAnalyzer"]}), (5, 6, 7)).score == 0
+
+
+def test_the_seeds_own_solution_fails_where_it_is_wrong():
+    """The seed lesson's solution to the schedule exercise, graded: its two mistakes show, the rest passes."""
+    from course_lib.checks import recap
+
+    class SeedComparator:  # no cap on beta; and a "crossing" at the last step when there is none
+        def linear_schedule(self, T, beta_start=1e-4, beta_end=0.02):
+            return torch.cumprod(1.0 - torch.linspace(beta_start, beta_end, T), dim=0)
+
+        def cosine_schedule(self, T, s=0.008):
+            steps = torch.arange(T + 1, dtype=torch.float32)
+            f = torch.cos((steps / T + s) / (1 + s) * np.pi / 2) ** 2
+            return (f / f[0])[1:]
+
+        def signal_to_noise_ratio(self, a):
+            return 10.0 * torch.log10(a / (1.0 - a))
+
+        def find_zero_crossing(self, alpha_bars):
+            return next((t for t in range(len(alpha_bars)) if alpha_bars[t] <= 0.5), len(alpha_bars) - 1)
+
+    result = EXERCISES["ex84_schedule_comparator"].run(LocalAgent({"ScheduleComparator": SeedComparator}))
+    passed = {c.name.split(" ")[0]: c.passed for c in result.checks}
+    assert passed["linear_schedule(T)"] and passed["signal_to_noise_ratio(alpha_bar)"]
+    assert not passed["cosine_schedule(T)"] and not passed["find_zero_crossing(alpha_bars)"]
+    assert recap.zero_crossing(recap.linear_alpha_bars(1000)) == 259  # the seed's "around t = 250"
+
+
+# ----------------------------------------------------------------------------------------------
+# The references equal the libraries
+# ----------------------------------------------------------------------------------------------
+def test_schedules_equal_diffusers():
+    from diffusers import DDPMScheduler
+
+    from course_lib.checks.recap import cosine_alpha_bars, linear_alpha_bars
+
+    lin = DDPMScheduler(beta_schedule="linear").alphas_cumprod
+    cos = DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod
+    torch.testing.assert_close(linear_alpha_bars(1000).float(), lin, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(cosine_alpha_bars(1000).float(), cos, rtol=1e-5, atol=1e-9)
+
+
+def test_guidance_rescale_equals_diffusers():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg as theirs
+
+    from course_lib.checks.guidance import rescale_noise_cfg as ours
+
+    g = torch.Generator().manual_seed(0)
+    cond, guided = torch.randn(3, 4, 8, 8, generator=g), 5 * torch.randn(3, 4, 8, 8, generator=g)
+    for phi in (0.0, 0.7, 1.0):
+        torch.testing.assert_close(ours(guided, cond, phi).float(), theirs(guided, cond, phi), rtol=1e-5, atol=1e-6)
+
+
+def test_cross_attention_equals_torch_sdpa():
+    import torch.nn.functional as F
+
+    from course_lib.checks.attention import cross_attention_head
+
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 16, 12, generator=g), torch.randn(2, 7, 10, generator=g)
+    wq, wk, wv = torch.randn(12, 8, generator=g), torch.randn(10, 8, generator=g), torch.randn(10, 8, generator=g)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    out, _ = cross_attention_head(x, ctx, wq, wk, wv, mask)
+    ref = F.scaled_dot_product_attention(x @ wq, ctx @ wk, ctx @ wv, attn_mask=mask[:, None, :])
+    torch.testing.assert_close(out.float(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_clip_loss_equals_transformers():
+    from transformers.models.clip import modeling_clip
+
+    # the loss CLIPModel(return_loss=True) uses; renamed in transformers 5
+    theirs = getattr(modeling_clip, "image_text_contrastive_loss", None) or modeling_clip.clip_loss
+    from course_lib.checks.clip import clip_loss, similarity_logits
+
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(8, 32, generator=g), torch.randn(8, 32, generator=g)
+    logits_per_text = similarity_logits(img, txt, 100.0).T.float()
+    torch.testing.assert_close(clip_loss(img, txt, 100.0).float(), theirs(logits_per_text), rtol=1e-5, atol=1e-5)
+
+
+def test_kl_equals_torch_distributions():
+    from torch.distributions import Normal, kl_divergence
+
+    from course_lib.checks.vae import kl_to_standard_normal
+
+    g = torch.Generator().manual_seed(0)
+    mean, logvar = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g)
+    ref = kl_divergence(Normal(mean, (0.5 * logvar).exp()), Normal(0.0, 1.0)).flatten(1).sum(1)
+    torch.testing.assert_close(kl_to_standard_normal(mean, logvar).float(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_euler_and_ddim_steps_equal_diffusers_schedulers():
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    from course_lib.checks.samplers import ddim_step, euler_step, linear_alpha_bars, sigmas_from_alpha_bars
+
+    g = torch.Generator().manual_seed(0)
+    euler = EulerDiscreteScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    euler.set_timesteps(10)
+    x = torch.randn(1, 4, 8, 8, generator=g) * euler.init_noise_sigma
+    for i, t in enumerate(euler.timesteps):
+        eps = torch.randn(1, 4, 8, 8, generator=g)
+        sigma, sigma_next = float(euler.sigmas[i]), float(euler.sigmas[i + 1])
+        ours = euler_step(x, x - sigma * eps, sigma, sigma_next).float()
+        x = euler.step(eps, t, x).prev_sample
+        torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sigmas_from_alpha_bars(linear_alpha_bars()).float(),
+                               ((1 - euler.alphas_cumprod) / euler.alphas_cumprod).sqrt(), rtol=1e-4, atol=1e-6)
+
+    ddim = DDIMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False, set_alpha_to_one=True)
+    ddim.set_timesteps(50)
+    ab = linear_alpha_bars()
+    x, eps, t = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g), 501
+    ref = ddim.step(eps, t, x, eta=0.0).prev_sample
+    torch.testing.assert_close(ddim_step(x, eps, float(ab[t]), float(ab[t - 20])).float(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_parameter_counts_equal_diffusers_on_the_meta_device():
+    from course_lib.checks.lineage import (SD15_UNET, SD15_UNET_PARAMETERS, SDXL_UNET, SDXL_UNET_PARAMETERS,
+                                           count_parameters, meta_unet)
+
+    assert count_parameters(meta_unet(SD15_UNET)) == SD15_UNET_PARAMETERS
+    assert count_parameters(meta_unet(SDXL_UNET)) == SDXL_UNET_PARAMETERS
+    assert math.isclose(SDXL_UNET_PARAMETERS / SD15_UNET_PARAMETERS, 2.99, abs_tol=0.01)
