@@ -262,7 +262,7 @@ class Release:
     denoiser: Part
     vae: Part
     text_encoders: tuple[Part, ...]
-    extras: tuple[Part, ...] = ()  # optional add-ons, e.g. a ControlNet
+    extras: dict[str, Part] = field(default_factory=dict)  # optional add-ons by role, e.g. {"ControlNet": ...}
     objective: str = "epsilon"  # what the denoiser predicts
     extra_conditioning: str = "none"  # conditioning beyond the per-token text embeddings
     text_tokens: str = "77"  # how many text tokens the denoiser attends to
@@ -271,13 +271,11 @@ class Release:
     default_time_ids: Callable[[], torch.Tensor] | None = None  # SDXL's micro-conditioning at its pipeline defaults
 
     def parts(self) -> dict[str, Part]:
-        """Every network by role, in pipeline order: {"denoiser": ..., "vae": ..., "text encoder 1": ..., ...}."""
-        roles = {"denoiser": self.denoiser, "vae": self.vae}
+        """Every network by role, in pipeline order: {"denoiser": ..., "VAE": ..., "text encoder 1": ..., ...}."""
+        roles = {"denoiser": self.denoiser, "VAE": self.vae}
         for i, enc in enumerate(self.text_encoders, start=1):
             roles[f"text encoder {i}" if len(self.text_encoders) > 1 else "text encoder"] = enc
-        for extra in self.extras:
-            roles[extra.name] = extra
-        return roles
+        return roles | self.extras
 
     @property
     def vae_scale_factor(self) -> int:
@@ -312,7 +310,7 @@ SD15 = Release(
     denoiser=Part("U-Net", UNet2DConditionModel, SD15_UNET),
     vae=Part("VAE (4 latent channels)", AutoencoderKL, SD_VAE_4CH),
     text_encoders=(_L14,),
-    extras=(Part("ControlNet (SD 1.5)", ControlNetModel, SD15_CONTROLNET),),
+    extras={"ControlNet": Part("ControlNet (copy of the U-Net's encoder)", ControlNetModel, SD15_CONTROLNET)},
     hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
     hub_note="community mirror; the original runwayml repository was taken down",
 )
