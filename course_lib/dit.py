@@ -123,9 +123,9 @@ class TinyDiT(nn.Module):
     and returns a tensor shaped like x: the velocity, for rectified flow.
     """
 
-    def __init__(self, config: DiTConfig = DiTConfig()):
+    def __init__(self, config: DiTConfig | None = None):
         super().__init__()
-        c = config
+        c = config if config is not None else DiTConfig()
         if c.image_size % c.patch_size:
             raise ValueError(f"image_size ({c.image_size}) must be a multiple of patch_size ({c.patch_size})")
         self.config = c

@@ -175,6 +175,13 @@ def test_sample_sigmas_and_errors():
         flow.euler_sample(lambda x, s: x, torch.zeros(1, 2), torch.ones(1))
 
 
+def test_uniform_sigmas():
+    torch.testing.assert_close(flow.uniform_sigmas(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    assert flow.uniform_sigmas(4, shift=3.0)[2] == 0.75  # 3 * 0.5 / (1 + 2 * 0.5)
+    with pytest.raises(ValueError):
+        flow.uniform_sigmas(0)
+
+
 def test_shift_moves_steps_towards_noise():
     s = torch.linspace(0, 1, 11)
     shifted = flow.shift_sigmas(s, 3.0)

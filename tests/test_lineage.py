@@ -169,3 +169,15 @@ def test_fmt_params():
 
 def test_markdown_table():
     assert L.markdown_table(["a", "b"], [[1, "x|y"]]) == "| a | b |\n| --- | --- |\n| 1 | x\\|y |"
+
+
+def test_check_yourself_passes_right_answers_and_stops_on_wrong_ones(counts):
+    from course_lib.checking import ExerciseIncomplete
+
+    ratio = counts["SDXL base"]["denoiser"].parameters / counts["SD 1.5"]["denoiser"].parameters
+    tokens = lambda h, w: (h // 16) * (w // 16) + 77 + 256  # noqa: E731
+    ids = lambda o, c, t: torch.tensor([[*o, *c, *t]], dtype=torch.float32)  # noqa: E731
+    assert L.check_yourself(ratio, tokens, ids).passed
+    swapped = lambda o, c, t: torch.tensor([[*o, *t, *c]], dtype=torch.float32)  # noqa: E731
+    with pytest.raises(ExerciseIncomplete):
+        L.check_yourself(ratio, tokens, swapped)
