@@ -54,7 +54,7 @@ ENCODER_PARTS = ("time_embedding", "conv_in", "down_blocks", "mid_block")  # wha
 class ControlNetConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)  # the base U-Net's config: the copy has its encoder layout
     conditioning_channels: int = 1  # channels of the control image: 1 for an edge map (diffusers: 3, RGB)
-    conditioning_block_channels: tuple = (16, 16, 32, 32)  # control encoder widths at 64, 32, 16, 8 px (diffusers: (16, 32, 96, 256))
+    conditioning_block_channels: tuple = (8, 8, 16, 32)  # control encoder widths at 64, 32, 16, 8 px (diffusers: (16, 32, 96, 256))
 
     def __post_init__(self):
         if isinstance(self.unet, dict):  # a model card stores the nested config as a dict
@@ -137,7 +137,7 @@ class ControlNet(nn.Module):
 
     @classmethod
     def from_unet(cls, unet: UNet, conditioning_channels: int = 1,
-                  conditioning_block_channels: Sequence[int] = (16, 16, 32, 32)) -> "ControlNet":
+                  conditioning_block_channels: Sequence[int] | None = None) -> "ControlNet":
         """A ControlNet whose encoder copy starts as an exact copy of ``unet``'s (zero convs at 0).
 
         The copy gets its own tensors (``copy.deepcopy``), on the U-Net's device and dtype, and is
@@ -145,6 +145,8 @@ class ControlNet(nn.Module):
         """
         if not isinstance(unet, UNet):
             raise ValueError(f"from_unet needs the course's UNet, got {type(unet).__name__}")
+        if conditioning_block_channels is None:
+            conditioning_block_channels = ControlNetConfig.conditioning_block_channels
         config = ControlNetConfig(unet=dataclasses.replace(unet.config), conditioning_channels=conditioning_channels,
                                   conditioning_block_channels=tuple(conditioning_block_channels))
         net = cls(config)

@@ -1,0 +1,237 @@
+"""Train the course's edge ControlNet on the frozen tiny Stable Diffusion. Lesson 6 shows the result.
+
+    python -m course_lib.controlnet_train            # into weights/ (about 10 minutes on 2 CPU cores)
+    python -m course_lib.controlnet_train --quick    # a seconds-long smoke run of a tiny model, into runs/quick/
+
+It needs the trained VAE, CLIP and U-Net in the same folder (``python -m course_lib.train``).
+One step (Zhang et al. 2023, eq. 3: the diffusion loss, now also conditioned on the control c):
+
+    z0 = scaling_factor * (mean + std * n)        a fresh posterior sample of a pre-encoded scene
+    t ~ U{0..999}, eps ~ N(0, I), z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
+    down, mid = controlnet(z_t, t, text, c)       c: the scene's edge map (sometimes its Canny map)
+    loss = |eps - unet(z_t, t, text, down, mid)|^2   (Min-SNR weighted, as the U-Net was trained)
+
+Only the ControlNet learns; the U-Net, VAE and text encoder stay frozen, so whatever the base model
+could do it still can (scale 0 gives back its images exactly). Latents, text states and edge maps
+are computed once before training, as the U-Net's training does. Some controls are Canny maps of
+the scene instead of its own edge map, so that Canny maps of photographs work as controls too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import data, edges
+from .clip import CLIP, Tokenizer
+from .controlnet import ControlNet, ControlNetConfig, generate_with_control
+from .schedules import add_noise, sd_schedule
+from .train import DataSettings, LossLog, batches, encode_captions, encode_scenes, lr_at
+from .unet import UNet
+from .vae import VAE
+from .weights import WEIGHTS_DIR, library_versions, load_clip, load_evaluator, load_unet, load_vae, read_card, save_model
+
+EDGE_TOLERANCE = 1  # pixels (chessboard distance): a generated edge within the 3x3 neighbourhood of a control edge matches
+EDGE_SIGMA = 1.0  # Canny blur used to read the edges of generated images
+
+
+@dataclass
+class ControlNetTraining:
+    steps: int = 1500  # optimiser steps
+    batch_size: int = 64  # latents per step
+    n_scenes: int = 20_000  # training scenes pre-encoded once (latents, text states, edge maps)
+    n_canny: int = 3_000  # of those, how many also get a Canny map (skimage's Canny costs ~10 ms a scene)
+    canny_fraction: float = 0.3  # share of controls drawn from the Canny map instead of the scene's edge map
+    lr: float = 1e-3  # peak AdamW learning rate (the paper: 1e-5 for SD's 361M-parameter copy; a tiny copy takes more)
+    caption_dropout: float = 0.1  # captions replaced by "": the control must also work in CFG's unconditional branch
+    min_snr_gamma: float | None = 5.0  # Min-SNR weighting, as the U-Net was trained (None: plain MSE)
+    eval_scenes: int = 64  # held-out scenes for the model card's quick edge-F1 and adherence check
+    seed: int = 0  # initialisation of the control encoder, batch order, noise
+
+
+def quick_training() -> ControlNetTraining:
+    """A few steps on a few scenes: for smoke tests of the command (seconds)."""
+    return ControlNetTraining(steps=5, batch_size=8, n_scenes=256, n_canny=32, eval_scenes=4)
+
+
+@torch.no_grad()
+def control_metrics(pipe, controlnet: ControlNet, heldout: data.Scenes, evaluator=None, conditioning_scale: float = 1.0,
+                    num_steps: int = 20, guidance_scale: float = 5.0, seed: int = 0, batch: int = 64,
+                    controls: torch.Tensor | None = None) -> dict:
+    """Generate every held-out caption with its own edges as control, and without control; score both.
+
+    The same starting noise for both, so the only difference is the control. Edge adherence:
+    ``edges.edge_f1`` between the control and the Canny edges of the generated image (tolerance
+    EDGE_TOLERANCE px), and the same with the data set's own edge definition
+    (``edges.quantised_edges``). Prompt adherence: ``evaluator.prompt_adherence``.
+    controls: the control images to use (default: the scenes' own edge maps).
+    """
+    from .evaluator import prompt_adherence
+
+    captions = heldout.captions
+    control_edges = heldout.edges if controls is None else controls
+    noise = torch.randn(len(captions), 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    with_c, without = [], []
+    for s in range(0, len(captions), batch):
+        kw = dict(num_steps=num_steps, guidance_scale=guidance_scale, latents=noise[s:s + batch],
+                  generator=torch.Generator().manual_seed(seed + s))
+        with_c.append(generate_with_control(pipe, captions[s:s + batch], edges.to_control(control_edges[s:s + batch]),
+                                            controlnet, conditioning_scale=conditioning_scale, **kw))
+        without.append(pipe.generate(captions[s:s + batch], **kw))
+    images = {"with_control": torch.cat(with_c), "without_control": torch.cat(without)}
+    out = {}
+    for name, im in images.items():
+        canny = edges.canny_edges(im, sigma=EDGE_SIGMA)
+        row = {"edge_f1_canny": edges.edge_f1(canny, heldout.edges, EDGE_TOLERANCE)["f1"].mean().item(),
+               "edge_f1_canny_tol2": edges.edge_f1(canny, heldout.edges, 2)["f1"].mean().item(),
+               "edge_f1_quantised": edges.edge_f1(edges.quantised_edges(im), heldout.edges,
+                                                  EDGE_TOLERANCE)["f1"].mean().item()}
+        if evaluator is not None:
+            row["prompt_adherence"] = prompt_adherence(evaluator, im, captions)["adherence"]
+        out[name] = row
+    out["settings"] = {"n_scenes": len(captions), "conditioning_scale": conditioning_scale, "num_steps": num_steps,
+                       "sampler": "ddim", "guidance_scale": guidance_scale, "seed": seed,
+                       "edge_tolerance_px": EDGE_TOLERANCE, "edge_reader": f"edges.canny_edges(sigma={EDGE_SIGMA})"}
+    return out
+
+
+def _pipe(vae: VAE, clip: CLIP, unet: UNet):
+    from .tiny_sd import TinySD
+
+    return TinySD(vae=vae, clip=clip, unet=unet, tokenizer=Tokenizer(clip.config.context_length), schedule=sd_schedule())
+
+
+def train_controlnet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings = DataSettings(),
+                     tc: ControlNetTraining | None = None, config: ControlNetConfig | None = None,
+                     out_dir: str | Path = WEIGHTS_DIR, device="cpu", vae: VAE | None = None, clip: CLIP | None = None,
+                     unet: UNet | None = None, quiet: bool = False) -> ControlNet:
+    """Train a ControlNet on the scenes' edge maps against the frozen U-Net in ``out_dir``; save it there.
+
+    config: only ``conditioning_channels`` and ``conditioning_block_channels`` are used; the
+    encoder copy always takes the U-Net's own layout and weights (``ControlNet.from_unet``).
+    Writes ``controlnet.safetensors`` and its model card ``controlnet.json``.
+    """
+    from tqdm.auto import tqdm
+
+    tc = tc or ControlNetTraining()
+    config = config or ControlNetConfig()
+    started = time.time()
+    vae = (vae if vae is not None else load_vae(out_dir, device=device)).eval().requires_grad_(False)
+    clip = (clip if clip is not None else load_clip(out_dir, device=device)).eval().requires_grad_(False)
+    unet = (unet if unet is not None else load_unet(out_dir, device=device)).eval().requires_grad_(False)
+    torch.manual_seed(tc.seed)
+    g = torch.Generator(device=device).manual_seed(tc.seed)
+    gi = torch.Generator().manual_seed(tc.seed)
+
+    # Everything the loop needs, computed once.
+    n = min(len(scenes), tc.n_scenes)
+    mean, std = encode_scenes(vae, scenes.images[:n], device)  # (N, 4, 8, 8) each
+    states, caption_index, empty = encode_captions(clip, scenes.captions[:n], device)
+    scene_edges = scenes.edges[:n]  # (N, 1, 64, 64) bool
+    n_canny = min(n, tc.n_canny)
+    canny = edges.canny_edges(scenes.images[:n_canny]) if n_canny else scene_edges[:0]  # (n_canny, 1, 64, 64)
+    prep_s = time.time() - started
+    scale = vae.config.scaling_factor
+    schedule = sd_schedule()
+    snr = (schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)).to(device)  # (T,)
+
+    net = ControlNet.from_unet(unet, config.conditioning_channels, config.conditioning_block_channels).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=0.0)
+    log = LossLog()
+    with tqdm(total=tc.steps, desc="train controlnet", disable=quiet, mininterval=2.0) as bar:
+        for step, idx in enumerate(batches(n, tc.batch_size, tc.steps, gi)):
+            ctrl = scene_edges[idx]  # (B, 1, 64, 64)
+            if n_canny:
+                use = (idx < n_canny) & (torch.rand(idx.shape[0], generator=gi) < tc.canny_fraction)
+                ctrl = torch.where(use[:, None, None, None], canny[idx.clamp(max=n_canny - 1)], ctrl)
+            ctrl = edges.to_control(ctrl).to(device)
+            idx = idx.to(device)
+            z0 = scale * (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g, device=device))
+            context = states[caption_index[idx.cpu()].to(device)]  # (B, L, width)
+            drop = torch.rand(idx.shape[0], generator=g, device=device) < tc.caption_dropout
+            context = torch.where(drop[:, None, None], empty.expand_as(context), context)
+            t = torch.randint(0, schedule.num_train_timesteps, (idx.shape[0],), generator=g, device=device)
+            eps = torch.randn(z0.shape, generator=g, device=device)
+            zt = add_noise(z0, eps, t, schedule)
+            down, mid = net(zt, t, context, ctrl)
+            pred = unet(zt, t, context, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+            per_sample = (pred - eps).pow(2).mean(dim=(1, 2, 3))  # (B,)
+            if tc.min_snr_gamma is not None:
+                s_t = snr[t]
+                per_sample = per_sample * s_t.clamp(max=tc.min_snr_gamma) / s_t
+            loss = per_sample.mean()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, tc.steps, tc.lr)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            log.add(loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    train_s = time.time() - started - prep_s
+    net.eval().requires_grad_(False)
+
+    metrics = {}
+    if tc.eval_scenes:
+        evaluator = load_evaluator(out_dir, device=device) if (Path(out_dir) / "evaluator.json").exists() else None
+        sub = _subset(heldout, tc.eval_scenes)
+        metrics = control_metrics(_pipe(vae, clip, unet), net, sub, evaluator, batch=tc.eval_scenes)
+        metrics["full_benchmark"] = "benchmarks/bench_controlnet.py --update-card adds the full held-out measurement"
+    card = {"data": dataclasses.asdict(data_cfg), "training": dataclasses.asdict(tc), "steps": tc.steps,
+            "loss": log.summary(), "metrics": metrics, "wall_time_s": round(time.time() - started, 1),
+            "wall_time_breakdown_s": {"pre_encode": round(prep_s, 1), "train": round(train_s, 1),
+                                      "evaluate": round(time.time() - started - prep_s - train_s, 1)},
+            "device": str(device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "load_average_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "base_unet_sha256": _card_sha(out_dir, "unet"), "versions": library_versions()}
+    save_model(net, "controlnet", net.config, card, out_dir)
+    return net
+
+
+def _card_sha(out_dir, name: str) -> str | None:
+    try:
+        return read_card(name, out_dir).get("sha256")
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _subset(scenes: data.Scenes, n: int) -> data.Scenes:
+    """The first ``n`` scenes."""
+    n = min(n, len(scenes))
+    fields = {f.name: getattr(scenes, f.name) for f in dataclasses.fields(scenes)}
+    return data.Scenes(**{k: (v[:n]) for k, v in fields.items()})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the edge ControlNet on the frozen tiny Stable Diffusion.")
+    parser.add_argument("--quick", action="store_true", help="a few steps, written to runs/quick/ (needs models there: "
+                        "python -m course_lib.train --quick)")
+    parser.add_argument("--out", default=None, help="folder with vae/clip/unet weights; the ControlNet is written there "
+                        "(default: weights/, or runs/quick/ with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: ControlNetTraining.steps)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    out = Path(args.out) if args.out else (Path("runs/quick") if args.quick else WEIGHTS_DIR)
+    tc = quick_training() if args.quick else ControlNetTraining()
+    if args.steps is not None:
+        tc = dataclasses.replace(tc, steps=args.steps)
+    dc = DataSettings(n_train=512, n_heldout=128) if args.quick else DataSettings()
+    t0 = time.time()
+    scenes = data.generate(dc.n_train, seed=dc.seed, split="train")  # the same scenes as python -m course_lib.train
+    heldout = data.generate(dc.n_heldout, seed=dc.seed, split="heldout")
+    train_controlnet(scenes, heldout, dc, tc, out_dir=out, device=args.device, quiet=args.quiet)
+    print(f"controlnet: trained in {time.time() - t0:.0f}s -> {out / 'controlnet'}.safetensors")
+
+
+if __name__ == "__main__":
+    main()
