@@ -275,8 +275,8 @@ def _repeat_to(image: torch.Tensor, batch: int) -> torch.Tensor:
         return image
     if n == 1:
         return image.expand(batch, *image.shape[1:])
-    if batch % n == 0:
-        return image.repeat(batch // n, 1, 1, 1)  # CFG's [uncond, cond] halves each see the same controls
+    if batch == 2 * n:
+        return torch.cat([image, image])  # classifier-free guidance: the [uncond, cond] halves see the same controls
     raise ValueError(f"got {n} control images for a batch of {batch} latents; give 1 or one per prompt")
 
 
@@ -367,6 +367,11 @@ def generate_with_control(pipe, prompts: str | list[str], control_images: torch.
     starts = _per_control(control_guidance_start, len(nets), "control_guidance_start")
     ends = _per_control(control_guidance_end, len(nets), "control_guidance_end")
     controls = [Control(net, image, s, a, e) for net, image, s, a, e in zip(nets, images, scales, starts, ends)]
+    n_prompts = 1 if isinstance(prompts, str) else len(prompts)
+    for k, c in enumerate(controls):
+        if c.image.shape[0] not in (1, n_prompts):
+            raise ValueError(f"got {c.image.shape[0]} control images (control {k}) for {n_prompts} prompts; "
+                             "give 1 (shared by every prompt) or one per prompt")
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
     timesteps = default_timesteps(num_steps, pipe.schedule.num_train_timesteps)  # what the sampler will visit

@@ -1,0 +1,244 @@
+"""ControlNet: an exact no-op at initialisation, scale 0 is the base model, controls combine, step windows work,
+both guidance branches are controlled, weights round-trip; and the shipped ControlNet meets its bars on a sample."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from course_lib import data, edges
+from course_lib.clip import CLIP, CLIPConfig, Tokenizer
+from course_lib.controlnet import (Control, ControlledUNet, ControlNet, MultiControlNet, generate_with_control,
+                                   load_controlnet)
+from course_lib.guidance import classifier_free_guidance, guided_model
+from course_lib.schedules import sd_schedule
+from course_lib.tiny_sd import TinySD
+from course_lib.unet import UNet, UNetConfig
+from course_lib.vae import VAE, VAEConfig
+from course_lib.weights import WeightsError, save_model
+
+TINY_UNET = UNetConfig(block_channels=(16, 16), heads=2, context_dim=32, time_embed_dim=32, norm_groups=8, ff_mult=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    torch.manual_seed(0)
+    clip = CLIP(CLIPConfig(width=32, layers=1, heads=2, embed_dim=16, image_channels=(8, 8, 8, 8))).eval()
+    vae = VAE(VAEConfig(block_channels=(8, 8, 8, 8), layers_per_block=(0, 1, 0, 1), norm_groups=4)).eval()
+    unet = UNet(TINY_UNET).eval().requires_grad_(False)
+    return TinySD(vae=vae, clip=clip, unet=unet, tokenizer=Tokenizer(clip.config.context_length), schedule=sd_schedule())
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return data.generate(3, seed=2, split="heldout")
+
+
+def perturbed(net: ControlNet, seed: int = 0, std: float = 0.1) -> ControlNet:
+    """A ControlNet as if trained a little: every weight moved off its initial value (zero convs included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(std * torch.randn(p.shape, generator=g))
+    return net
+
+
+def _inputs(b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, 4, 8, 8, generator=g), torch.tensor([999, 500][:b]), torch.randn(b, 5, 32, generator=g),
+            (torch.rand(b, 1, 64, 64, generator=g) < 0.1).float())
+
+
+def test_from_unet_copies_the_encoder_and_zeroes_the_outputs(tiny_pipe):
+    unet = tiny_pipe.unet
+    net = ControlNet.from_unet(unet)
+    base = unet.state_dict()
+    for name, value in net.state_dict().items():
+        if name.startswith(("time_embedding", "conv_in", "down_blocks", "mid_block")):
+            assert torch.equal(value, base[name]) and value.data_ptr() != base[name].data_ptr(), name
+    zero = list(net.controlnet_down_blocks.parameters()) + list(net.controlnet_mid_block.parameters())
+    assert len(net.controlnet_down_blocks) == len(unet.skip_channels())
+    assert all(torch.count_nonzero(p) == 0 for p in zero)
+    assert all(p.requires_grad for p in net.parameters()) and not any(p.requires_grad for p in unet.parameters())
+    with torch.no_grad():
+        net.down_blocks[0].resnets[0].conv1.weight.add_(1.0)  # the copy is its own: the U-Net does not move
+    assert torch.equal(unet.state_dict()["down_blocks.0.resnets.0.conv1.weight"], base["down_blocks.0.resnets.0.conv1.weight"])
+
+
+@torch.no_grad()
+def test_at_initialisation_the_unet_output_is_unchanged_bit_for_bit(tiny_pipe):
+    unet = tiny_pipe.unet
+    net = ControlNet.from_unet(unet).eval()
+    x, t, ctx, cond = _inputs()
+    down, mid = net(x, t, ctx, cond)
+    assert [tuple(r.shape[1:]) for r in down] == unet.skip_shapes(8, 8) and mid.shape == (2, 16, 4, 4)
+    assert all(torch.count_nonzero(r) == 0 for r in down + [mid])
+    assert torch.equal(unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid),
+                       unet(x, t, ctx))
+
+
+def test_at_initialisation_generation_equals_the_base_model_bit_for_bit(tiny_pipe, scenes):
+    net = ControlNet.from_unet(tiny_pipe.unet).eval()
+    kw = dict(num_steps=3, guidance_scale=4.0, generator=torch.Generator().manual_seed(7))
+    base = tiny_pipe.generate(scenes.captions, **kw)
+    kw["generator"] = torch.Generator().manual_seed(7)
+    controlled = generate_with_control(tiny_pipe, scenes.captions, edges.to_control(scenes.edges), net, **kw)
+    assert torch.equal(controlled, base)
+
+
+def test_zero_convs_learn_although_they_start_at_zero(tiny_pipe):
+    """dL/dW of a zero conv is its input, not zero; the copy gets no gradient until the zero convs move."""
+    net = ControlNet.from_unet(tiny_pipe.unet)
+    x, t, ctx, cond = _inputs()
+    down, mid = net(x, t, ctx, cond)
+    tiny_pipe.unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).pow(2).mean().backward()
+    assert net.controlnet_mid_block.weight.grad.abs().sum() > 0
+    assert all(c.weight.grad.abs().sum() > 0 for c in net.controlnet_down_blocks)
+    assert net.down_blocks[0].resnets[0].conv1.weight.grad.abs().sum() == 0
+
+
+def test_scale_zero_is_exactly_the_base_model_and_scale_multiplies_residuals(tiny_pipe, scenes):
+    net = perturbed(ControlNet.from_unet(tiny_pipe.unet)).eval()
+    control = edges.to_control(scenes.edges)
+    kw = dict(num_steps=3, guidance_scale=4.0)
+    base = tiny_pipe.generate(scenes.captions, generator=torch.Generator().manual_seed(3), **kw)
+    off = generate_with_control(tiny_pipe, scenes.captions, control, net, conditioning_scale=0.0,
+                                generator=torch.Generator().manual_seed(3), **kw)
+    on = generate_with_control(tiny_pipe, scenes.captions, control, net, conditioning_scale=1.0,
+                               generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(off, base) and (on - base).abs().max() > 1e-2
+    with torch.no_grad():
+        x, t, ctx, cond = _inputs()
+        d1, m1 = net(x, t, ctx, cond, conditioning_scale=1.0)
+        d3, m3 = net(x, t, ctx, cond, conditioning_scale=0.3)
+    torch.testing.assert_close(m3, 0.3 * m1)
+    for a, b in zip(d3, d1):
+        torch.testing.assert_close(a, 0.3 * b)
+
+
+@torch.no_grad()
+def test_several_controls_add_their_scaled_residuals(tiny_pipe):
+    unet = tiny_pipe.unet
+    a, b = perturbed(ControlNet.from_unet(unet), 1).eval(), perturbed(ControlNet.from_unet(unet), 2).eval()
+    x, t, ctx, cond = _inputs()
+    cond_b = cond.flip(-2)
+    da, ma = a(x, t, ctx, cond, 0.6)
+    db, mb = b(x, t, ctx, cond_b, 0.9)
+    down, mid = MultiControlNet([a, b])(x, t, ctx, [cond, cond_b], [0.6, 0.9])
+    for s, (ra, rb) in zip(down, zip(da, db)):
+        torch.testing.assert_close(s, ra + rb)
+    torch.testing.assert_close(mid, ma + mb)
+    model = ControlledUNet(unet, [Control(a, cond, 0.6), Control(b, cond_b, 0.9)])
+    torch.testing.assert_close(model(x, t, ctx), unet(x, t, ctx, down, mid))
+    # a control at scale 0 drops out exactly
+    assert torch.equal(ControlledUNet(unet, [Control(a, cond, 0.6), Control(b, cond_b, 0.0)])(x, t, ctx),
+                       ControlledUNet(unet, [Control(a, cond, 0.6)])(x, t, ctx))
+    with pytest.raises(ValueError, match="one control image and one scale"):
+        MultiControlNet([a, b])(x, t, ctx, [cond], [1.0])
+
+
+def test_guidance_start_and_end_follow_diffusers_rule(tiny_pipe, scenes):
+    n = 10
+    for start, end in ((0.0, 1.0), (0.0, 0.45), (0.3, 1.0), (0.25, 0.75)):
+        c = Control(ControlNet.from_unet(tiny_pipe.unet), torch.zeros(1, 1, 64, 64), 1.0, start, end)
+        # StableDiffusionControlNetPipeline: keep = 1 - float(i / len(timesteps) < s or (i + 1) / len(timesteps) > e)
+        want = [1.0 - float(i / n < start or (i + 1) / n > end) for i in range(n)]
+        assert [float(c.active_at(i, n)) for i in range(n)] == want
+    net = perturbed(ControlNet.from_unet(tiny_pipe.unet)).eval()
+    calls = []
+    hook = net.register_forward_hook(lambda m, args, out: calls.append(int(args[1][0])))
+    generate_with_control(tiny_pipe, scenes.captions[:1], edges.to_control(scenes.edges[:1]), net, num_steps=4,
+                          control_guidance_end=0.5, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+    generate_with_control(tiny_pipe, scenes.captions[:1], edges.to_control(scenes.edges[:1]), net, num_steps=4,
+                          control_guidance_start=0.5, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    assert calls == [751, 501, 251, 1]  # the first half of SD's 4-step spacing, then the second half
+
+
+@torch.no_grad()
+def test_both_guidance_branches_get_the_control_as_in_diffusers(tiny_pipe):
+    """The ControlNet pipeline's step: duplicate the control image, run ControlNet and U-Net on [x, x], then guide."""
+    unet = tiny_pipe.unet
+    net = perturbed(ControlNet.from_unet(unet)).eval()
+    x, t, ctx, cond = _inputs()
+    uncond = torch.zeros_like(ctx)
+    ours = guided_model(ControlledUNet(unet, [Control(net, cond, 0.8)]), ctx, uncond, 5.0)(x, t)
+    xx, tt, cc = torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, ctx])  # latent_model_input, prompt_embeds
+    down, mid = net(xx, tt, cc, torch.cat([cond] * 2), conditioning_scale=0.8)  # image = torch.cat([image] * 2)
+    eps_u, eps_c = unet(xx, tt, cc, down, mid).chunk(2)
+    assert torch.equal(ours, classifier_free_guidance(eps_u, eps_c, 5.0))
+
+
+def test_clear_errors(tiny_pipe, scenes):
+    net = ControlNet.from_unet(tiny_pipe.unet)
+    x, t, ctx, cond = _inputs()
+    with pytest.raises(ValueError, match=r"controlnet_cond must have shape \(2, 1, 64, 64\)"):
+        net(x, t, ctx, cond[:, :, :32, :32])
+    other = ControlNet.from_unet(UNet(dataclasses.replace(TINY_UNET, block_channels=(16, 32))))
+    with pytest.raises(ValueError, match="another U-Net config"):
+        ControlledUNet(tiny_pipe.unet, [Control(other, cond)])
+    with pytest.raises(ValueError, match="start < end"):
+        Control(net, cond, start=0.6, end=0.4)
+    with pytest.raises(ValueError, match="one image per ControlNet"):
+        generate_with_control(tiny_pipe, scenes.captions, [cond, cond], net)
+    with pytest.raises(ValueError, match="control images \(control 0\) for 3 prompts"):
+        generate_with_control(tiny_pipe, scenes.captions, edges.to_control(scenes.edges[:2]), net, num_steps=1)
+
+
+def test_weights_round_trip_and_refuse_another_base(tiny_pipe, tmp_path):
+    net = perturbed(ControlNet.from_unet(tiny_pipe.unet)).eval()
+    save_model(tiny_pipe.unet, "unet", tiny_pipe.unet.config, {}, tmp_path)
+    unet_sha = (tmp_path / "unet.json").read_text().split('"sha256": "')[1][:64]
+    save_model(net, "controlnet", net.config, {"base_unet_sha256": unet_sha}, tmp_path)
+    loaded = load_controlnet(tmp_path)
+    assert loaded.config == net.config and not any(p.requires_grad for p in loaded.parameters())
+    x, t, ctx, cond = _inputs()
+    with torch.no_grad():
+        for a, b in zip(net(x, t, ctx, cond)[0], loaded(x, t, ctx, cond)[0]):
+            assert torch.equal(a, b)
+    save_model(net, "controlnet", net.config, {"base_unet_sha256": "0" * 64}, tmp_path)
+    with pytest.raises(WeightsError, match="different U-Net"):
+        load_controlnet(tmp_path)
+    assert isinstance(load_controlnet(tmp_path, check_base=False), ControlNet)
+
+
+# --- The shipped ControlNet on the shipped tiny SD (weights/controlnet.*). ------------------------------
+
+@pytest.fixture(scope="module")
+def shipped():
+    from course_lib.tiny_sd import load_tiny_sd
+
+    return load_tiny_sd(), load_controlnet()
+
+
+def test_shipped_base_is_reproduced_exactly_at_initialisation_and_at_scale_zero(shipped, scenes):
+    pipe, net = shipped
+    control = edges.to_control(scenes.edges)
+    base = pipe.generate(scenes.captions, num_steps=4, generator=torch.Generator().manual_seed(0))
+    fresh = generate_with_control(pipe, scenes.captions, control, ControlNet.from_unet(pipe.unet).eval(),
+                                  num_steps=4, generator=torch.Generator().manual_seed(0))
+    off = generate_with_control(pipe, scenes.captions, control, net, conditioning_scale=0.0,
+                                num_steps=4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fresh, base) and torch.equal(off, base)
+
+
+def test_shipped_controlnet_follows_edges_on_a_held_out_sample(shipped):
+    """The benchmark's bar on a small sample: edge F1 (Canny of the image vs the control, 1 px) >= 0.7 with
+    control, far above the same prompts without; prompt adherence not lower by more than 5 points."""
+    from course_lib.controlnet_train import _subset, control_metrics
+    from course_lib.tiny_sd import load_evaluator
+
+    pipe, net = shipped
+    sample = _subset(data.generate(2000, seed=0, split="heldout"), 24)
+    m = control_metrics(pipe, net, sample, load_evaluator(), num_steps=10, seed=0)
+    w, wo = m["with_control"], m["without_control"]
+    assert w["edge_f1_canny"] >= 0.7 and w["edge_f1_canny"] > wo["edge_f1_canny"] + 0.2, m
+    assert w["prompt_adherence"] >= wo["prompt_adherence"] - 0.05, m
