@@ -62,16 +62,19 @@ def test_check_sync_fails_on_a_stale_copy_and_generate_fixes_it(tmp_path):
     sol, ex = tmp_path / "solutions", tmp_path / "exercises"
     shutil.copytree(ROOT / "solutions", sol)
     shutil.copytree(ROOT / "exercises", ex)
-    cmd = [sys.executable, "-m", "course_lib.grading"]
-    args = ["--solutions", str(sol), "--exercises", str(ex)]
-    assert subprocess.run(cmd + ["check-sync", *args], capture_output=True).returncode == 0
+    assert not notebooks.generate(sol, ex, write=False).stale
     nb = nbformat.read(sol / "03_clip_exercises.ipynb", as_version=4)
     nb.cells[0].source += "\n\nA new sentence."
     nbformat.write(nb, sol / "03_clip_exercises.ipynb")
-    stale = subprocess.run(cmd + ["check-sync", *args], capture_output=True, text=True)
-    assert stale.returncode == 1 and "03_clip_exercises" in stale.stdout
-    assert subprocess.run(cmd + ["generate", *args], capture_output=True).returncode == 0
-    assert subprocess.run(cmd + ["check-sync", *args], capture_output=True).returncode == 0
+    (ex / "99_orphan.ipynb").write_text("{}")
+    cmd = [sys.executable, "-m", "course_lib.grading", "check-sync", "--solutions", str(sol), "--exercises", str(ex)]
+    stale = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert stale.returncode == 1 and "out of date: " in stale.stdout and "03_clip_exercises" in stale.stdout
+    assert "99_orphan" in stale.stdout
+    (ex / "99_orphan.ipynb").unlink()
+    assert [p.name for p in notebooks.generate(sol, ex, write=True).written] == ["03_clip_exercises.ipynb"]
+    report = notebooks.generate(sol, ex, write=False)
+    assert not report.stale and not report.missing and not report.orphans
 
 
 @pytest.mark.slow

@@ -103,12 +103,14 @@ def test_one_notebook_can_be_graded_on_its_own(tmp_path):
     assert (row["status"], row["score"], row["max_score"]) == ("graded", 28, 28)
 
 
-@pytest.mark.parametrize("args", [["does/not/exist"], ["{empty}"], ["{empty}", "--workers", "0"]])
+@pytest.mark.parametrize("args", [["does/not/exist"], ["{empty}"], ["{empty}", "--workers", "0"], ["--bogus"]])
 def test_usage_errors_exit_2(tmp_path, args):
+    from course_lib.grading.__main__ import main
+
     (tmp_path / "empty").mkdir()
-    proc = subprocess.run(GRADE + [a.format(empty=tmp_path / "empty") for a in args], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
+    with pytest.raises(SystemExit) as info:
+        main(["grade", *[a.format(empty=tmp_path / "empty") for a in args]])
+    assert info.value.code == 2
 
 
 # ----------------------------------------------------------------------------------------------
