@@ -61,7 +61,7 @@ def grade_batch(path: Path, out: Path, options: Options, workers: int = 2, solut
     snapshot = private / f"lib-{secrets.token_hex(6)}"
     shutil.copytree(notebooks.ROOT / "course_lib", snapshot / "course_lib",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    deny = (str(path if path.is_dir() else path.parent), str(out), str(private), str(solutions.resolve()))
+    deny = _safe_deny([path, out, private, solutions.resolve()])
     cache = Path(tempfile.mkdtemp(prefix="course-cache-"))  # readable by the kernels, written only before their hook
     options = Options(**{**options.__dict__, "deny": tuple(options.deny) + deny, "cache_dir": str(cache)})
     root = path if path.is_dir() else path.parent
@@ -109,6 +109,25 @@ def grade_batch(path: Path, out: Path, options: Options, workers: int = 2, solut
     ordered = [rows[s] for s in subs if s in rows]
     write_tables(ordered, out, wall_seconds=time.monotonic() - start, workers=workers)
     return ordered
+
+
+def _safe_deny(paths: list[Path]) -> tuple[str, ...]:
+    """The folders the kernels may not read: the submissions (one another's), the reports, the
+    grader's private copy, the solutions. A folder that holds the course or Python itself (grading
+    ``.`` from the course's root, say) cannot be denied without breaking every import: it is left
+    out, with a warning."""
+    needed = [notebooks.ROOT, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(),
+              Path(sys.executable).resolve().parent]
+    keep = []
+    for p in paths:
+        p = p.resolve()
+        if p.is_file():
+            continue  # a single submission: there are no other submissions to hide
+        if any(n == p or p in n.parents for n in needed):
+            print(f"warning: {p} holds the course or Python; the kernels can read it", file=sys.stderr)
+            continue
+        keep.append(str(p))
+    return tuple(keep)
 
 
 class Worker:

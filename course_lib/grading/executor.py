@@ -25,7 +25,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from course_lib.checking import ExerciseResult, KernelLost
 from course_lib.grading import notebooks, sandbox
 from course_lib.grading.options import Options
 
+MAX_SUBMISSION_BYTES = 256 * 2**20  # a larger file is not read (status invalid)
 MAX_MESSAGE_BYTES = 32 * 2**20  # larger kernel messages drop the connection instead of filling memory
 OOM_MARKERS = ("MemoryError", "can't allocate memory", "not enough memory", "std::bad_alloc", "Cannot allocate memory")
 SUSPICIOUS = {  # source patterns reported to the instructor (never scored): ways around a sandbox
@@ -265,7 +265,11 @@ def grade_submission(path: Path, source: Path | None, options: Options) -> dict:
     from course_lib.checks import EXERCISES
 
     started = time.monotonic()
-    raw = path.read_bytes()
+    if path.stat().st_size > MAX_SUBMISSION_BYTES:
+        raw = b""
+        too_large = True
+    else:
+        raw, too_large = path.read_bytes(), False
     result: dict = {
         "submission": str(path), "source": source.name if source else None, "status": "graded",
         "score": 0.0, "max_score": 0.0, "percent": 0.0, "exercises": [], "integrity": [], "flagged": False,
@@ -280,6 +284,8 @@ def grade_submission(path: Path, source: Path | None, options: Options) -> dict:
     result["grader"]["source_sha256"] = notebooks.sha256(source.read_bytes())
     order = [notebooks.exercise_of(c) for c in src_nb.cells if notebooks.is_checker(c)]
     try:
+        if too_large:
+            raise ValueError(f"the file is larger than {MAX_SUBMISSION_BYTES // 2**20} MiB")
         sub_nb = nbformat.reads(raw.decode("utf-8"), as_version=4)
         if not isinstance(sub_nb.get("cells"), list):
             raise ValueError("no cells")
