@@ -29,6 +29,7 @@ The pipeline's steps, and where each one lives (diffusers 0.42):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -55,12 +56,36 @@ SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                            beta_end=0.012, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
 
+# SD 1.5's own scheduler, as its scheduler_config.json names it: PNDM in its PLMS form (skip_prk_steps=True).
+SD15_SCHEDULER_CLASS = "PNDMScheduler"
+SD15_SCHEDULER_CONFIG = dict(SD_SCHEDULER_CONFIG, skip_prk_steps=True)
+
 OutputType = Literal["pil", "np", "pt", "latent"]
 
 
 # ==============================================================================================
 # A tiny StableDiffusionPipeline, offline
 # ==============================================================================================
+
+
+@contextlib.contextmanager
+def _transformers_errors_only():
+    """Importing StableDiffusionPipeline without torchvision makes transformers log that its image processors
+    fall back to PIL (they are only used by the safety checker): keep that out of the lesson, then restore."""
+    from transformers.utils import logging
+
+    before = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(before)
+
+
+def _pipeline_class():
+    with _transformers_errors_only():
+        from diffusers import StableDiffusionPipeline
+    return StableDiffusionPipeline
 
 
 @dataclass
@@ -102,9 +127,10 @@ def build_tiny_pipeline(config: TinyPipelineConfig | None = None, scheduler=None
     scheduler: any diffusers scheduler; default ``DDIMScheduler`` with SD 1.x's settings.
     The safety checker is left out (``safety_checker=None``): there is nothing to check in noise.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    StableDiffusionPipeline = _pipeline_class()
     cfg = config or TinyPipelineConfig()
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = tiny_clip_tokenizer(folder, cfg.max_length)
@@ -135,6 +161,17 @@ def build_tiny_pipeline(config: TinyPipelineConfig | None = None, scheduler=None
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def count_unet_calls(pipe, *args, **kwargs) -> tuple[Any, list[int]]:
+    """Run ``pipe(*args, **kwargs)`` and return its output and the batch size of every U-Net call it made."""
+    calls: list[int] = []
+    hook = pipe.unet.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    try:
+        out = pipe(*args, **kwargs)
+    finally:
+        hook.remove()
+    return out, calls
 
 
 # ==============================================================================================
@@ -264,8 +301,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _from_pretrained(model_id: str | Path, dtype: torch.dtype, local_files_only: bool):
     """``StableDiffusionPipeline.from_pretrained``, asking for the half-size ``fp16`` files first when dtype
     is float16 (the SD 1.5 repository has them), and the full ones if there are none."""
-    from diffusers import StableDiffusionPipeline
-
+    StableDiffusionPipeline = _pipeline_class()
     variants = ["fp16", None] if dtype == torch.float16 else [None]
     for k, variant in enumerate(variants):
         try:
