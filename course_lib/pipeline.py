@@ -17,14 +17,15 @@ that talk to ``diffusers``:
 
 The pipeline's steps, and where each one lives (diffusers 0.42):
 
-    step                                   StableDiffusionPipeline          this course
-    1. tokenise, encode prompt + negative  encode_prompt                    TinySD.encode_prompt
-    2. starting latents x_T                prepare_latents (* init_noise_sigma)  torch.randn(generator=...)
-    3. timesteps                           scheduler.set_timesteps         schedules.make_timesteps
-    4. loop: U-Net on [uncond, cond], CFG  the loop in __call__            guidance.guided_model
-    5. sampler step x_t -> x_prev          scheduler.step                   samplers.ddim / euler / ...
-    6. decode z / scaling_factor           vae.decode                       TinySD.decode_latents
-    7. to uint8 pictures                   image_processor.postprocess      (x / 2 + 0.5).clamp(0, 1) * 255
+    step                                  StableDiffusionPipeline             this course
+    1. tokenise                           encode_prompt (self.tokenizer)      TinySD.tokenizer
+    2. encode the prompt and the negative encode_prompt; cat([neg, prompt])   TinySD.encode_prompt
+    3. starting latents x_T               prepare_latents (* init_noise_sigma) torch.randn(generator=...)
+    4. timesteps                          scheduler.set_timesteps             schedules.make_timesteps
+    5. U-Net on [neg, prompt], guidance   the loop in __call__                guidance.guided_model
+    6. sampler step x_t -> x_prev         scheduler.step                      samplers.ddim / euler / ...
+    7. decode z / scaling_factor          vae.decode (+ run_safety_checker)   TinySD.decode_latents
+    8. to 8-bit pictures                  image_processor.postprocess         (x / 2 + 0.5).clamp(0, 1) * 255
 """
 
 from __future__ import annotations
@@ -56,8 +57,7 @@ SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                            beta_end=0.012, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
 
-# SD 1.5's own scheduler, as its scheduler_config.json names it: PNDM in its PLMS form (skip_prk_steps=True).
-SD15_SCHEDULER_CLASS = "PNDMScheduler"
+# SD 1.5's own scheduler is PNDMScheduler (its scheduler_config.json), in its PLMS form: skip_prk_steps=True.
 SD15_SCHEDULER_CONFIG = dict(SD_SCHEDULER_CONFIG, skip_prk_steps=True)
 
 OutputType = Literal["pil", "np", "pt", "latent"]
