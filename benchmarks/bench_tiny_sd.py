@@ -71,7 +71,7 @@ def binding(evaluator, images, captions):
     return swapped / len(captions)
 
 
-def component_bars(pipe, evaluator, n, seed):
+def component_bars(pipe, evaluator, n, seed, figure_path):
     """Re-measure the VAE, CLIP and evaluator bars on fresh held-out scenes (not the ones in the cards)."""
     from course_lib.evaluator import agreement, attribute_accuracy
     from course_lib.train import clip_metrics, reconstruct, ssim
@@ -82,9 +82,31 @@ def component_bars(pipe, evaluator, n, seed):
     with torch.no_grad():
         r = reconstruct(pipe.vae, x)
         clip = clip_metrics(pipe.clip, scenes)
+    save_reconstructions(x[:8], r[:8], psnr(r[:8], x[:8]), figure_path)
     return {"n_scenes": len(scenes), "vae_psnr_db": psnr(r, x).mean().item(), "vae_ssim": ssim(r, x),
             "vae_evaluator_agreement": agreement(evaluator, x, r),
             "evaluator_accuracy": attribute_accuracy(evaluator, x, scenes), "clip": clip}
+
+
+def save_reconstructions(x, r, db, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(x), figsize=(1.6 * len(x), 3.6))
+    for j in range(len(x)):
+        for row, img in enumerate((x[j], r[j])):
+            axes[row, j].imshow(((img.permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(), interpolation="nearest")
+            axes[row, j].set_xticks([])
+            axes[row, j].set_yticks([])
+        axes[1, j].set_xlabel(f"{db[j]:.1f} dB", fontsize=8)
+    axes[0, 0].set_ylabel("original", fontsize=8)
+    axes[1, 0].set_ylabel("VAE 64x64x3 -> 8x8x4 -> 64x64x3", fontsize=7)
+    fig.suptitle("Tiny SD's VAE on held-out scenes (PSNR under each reconstruction)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def timing(pipe, steps, scale, repeats=3):
@@ -192,7 +214,7 @@ def main(argv=None):
               f"{c['wall_time_s'] / 60:.1f} min | {c['device']} ({c.get('torch_threads')} threads) | "
               f"{c.get('load_average_at_end')} |")
     print(f"| total | | {total_bytes / 2**20:.1f} MiB (bar: <= 30 MB) | | | | |\n")
-    comp = component_bars(pipe, evaluator, args.n, args.seed)
+    comp = component_bars(pipe, evaluator, args.n, args.seed, assets / "tiny_sd_vae_reconstructions.png")
     ev, ag, cl = comp["evaluator_accuracy"], comp["vae_evaluator_agreement"], comp["clip"]
     print(f"## Components, re-measured on {comp['n_scenes']} fresh held-out scenes\n")
     print("| model | measure | value | bar | |")
