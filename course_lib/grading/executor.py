@@ -351,8 +351,9 @@ def _run_cells(restored, kernel: Kernel, options: Options, started: float, resul
                     return
             result.setdefault("seconds_checks", 0.0)
             result["seconds_checks"] = round(result["seconds_checks"] + time.monotonic() - t, 2)
-            if any(e["kind"] == "out_of_memory" for e in result["events"]) and result["status"] == "graded":
-                result["status"] = "out_of_memory"
+            kinds = [e["kind"] for e in result["events"] if e["kind"] in FATAL]
+            if kinds and result["status"] == "graded":  # a call stopped inside the checks counts too
+                result["status"] = kinds[0]
             continue
         out = kernel.execute(cell.source, min(options.cell_timeout, left))
         if out.kind == "ok":
