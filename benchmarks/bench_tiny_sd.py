@@ -120,7 +120,7 @@ def timing(pipe, steps, scale, repeats=3):
     return statistics.median(times), times
 
 
-def save_plot(rows_single, rows_two, path):
+def save_plot(rows_single, rows_two, rows_early, path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,8 +128,12 @@ def save_plot(rows_single, rows_two, path):
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["scale"] for r in rows_single], [100 * r["adherence"] for r in rows_single], "o-", label="one object")
+    if rows_early:
+        ax.plot([r["scale"] for r in rows_early], [100 * r["adherence"] for r in rows_early], "^-",
+                label="one object, early U-Net (1000 steps)")
     if rows_two:
-        ax.plot([r["scale"] for r in rows_two], [100 * r["adherence"] for r in rows_two], "s--", label="two objects")
+        ax.plot([r["scale"] for r in rows_two], [100 * r["adherence"] for r in rows_two], "s--",
+                label="two objects (binding)")
     ax.axhline(100 * BARS["single_object_best"], color="grey", lw=0.8, ls=":", label="bar: 95%")
     ax.set_xlabel("guidance scale w")
     ax.set_ylabel("prompt adherence (%)")
@@ -249,6 +253,22 @@ def main(argv=None):
     best = max(rows, key=lambda r: r["adherence"])
     no_guidance = next((r for r in rows if r["scale"] == 1.0), None)
 
+    early_rows = []
+    if (Path(args.weights or ROOT / "weights") / "unet_early.json").exists():
+        early = load_tiny_sd(weights_dir=args.weights, unet="unet_early")
+        print(f"\n## One-object prompts, early U-Net (the same run after {early.unet.card['steps']} steps): "
+              "where guidance matters\n")
+        print("| guidance | adherence | position | shape | colour | size | background | extra objects |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for w in scales:
+            r = prompt_adherence(evaluator, generate_all(early, single, w, args.steps, args.sampler, args.seed), single)
+            pa = r["per_attribute"]
+            early_rows.append({"scale": w, "adherence": r["adherence"], "per_attribute": pa,
+                               "extra_objects": r["extra_objects"]})
+            print(f"| {w:g} | {100 * r['adherence']:.1f}% | " + " | ".join(f"{100 * pa[k]:.1f}%" for k in
+                  ("position", "shape", "colour", "size", "background")) + f" | {100 * r['extra_objects']:.1f}% |",
+                  flush=True)
+
     print("\n## Two-object prompts (attribute binding)\n")
     print("| guidance | both objects right | position | shape | colour | size | colours swapped |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
@@ -263,7 +283,7 @@ def main(argv=None):
               ("position", "shape", "colour", "size")) + f" | {100 * two_rows[-1]['colour_swapped']:.1f}% |", flush=True)
 
     median_s, times = timing(pipe, 20, best["scale"])
-    save_plot(rows, two_rows, assets / "tiny_sd_guidance.png")
+    save_plot(rows, two_rows, early_rows, assets / "tiny_sd_guidance.png")
     save_grid(pipe, best["scale"], args.steps, assets / "tiny_sd_samples.png")
 
     best_two = next(r for r in two_rows if r["scale"] == best["scale"])
@@ -275,9 +295,17 @@ def main(argv=None):
     print(f"| one-object adherence at best guidance ({best['scale']:g}) | {100 * best['adherence']:.1f}% | >= 95% | "
           f"{'PASS' if ok else 'FAIL'} |")
     if no_guidance:
-        lower = no_guidance["adherence"] < best["adherence"]
+        gap = best["adherence"] - no_guidance["adherence"]
         print(f"| one-object adherence without guidance (scale 1) | {100 * no_guidance['adherence']:.1f}% | lower | "
-              f"{'yes' if lower else 'NO'} |")
+              f"{100 * gap:.1f} points lower |")
+    early_gap = None
+    if early_rows:
+        e1 = next(r for r in early_rows if r["scale"] == 1.0) if any(r["scale"] == 1.0 for r in early_rows) else None
+        eb = max(early_rows, key=lambda r: r["adherence"])
+        if e1:
+            early_gap = eb["adherence"] - e1["adherence"]
+            print(f"| early U-Net: scale 1 vs best ({eb['scale']:g}) | {100 * e1['adherence']:.1f}% vs "
+                  f"{100 * eb['adherence']:.1f}% | clearly lower | {100 * early_gap:.1f} points lower |")
     print(f"| two-object adherence (binding) at guidance {best['scale']:g} | {100 * best_two['adherence']:.1f}% | reported | |")
     print(f"| colours swapped between the two objects | {100 * best_two['colour_swapped']:.1f}% | reported | |")
     print(f"| two-object adherence at its own best guidance ({best_binding['scale']:g}) | "
@@ -289,7 +317,8 @@ def main(argv=None):
     print(f"\nplot: {assets / 'tiny_sd_guidance.png'}   samples: {assets / 'tiny_sd_samples.png'}   "
           f"benchmark time: {time.time() - t_start:.0f}s")
 
-    results = {"components": comp, "components_pass": comp_ok, "n_captions": args.n, "sampler": args.sampler, "steps": args.steps, "seed": args.seed,
+    results = {"components": comp, "components_pass": comp_ok, "early_unet_single_object": early_rows,
+               "early_unet_guidance_gain": early_gap, "n_captions": args.n, "sampler": args.sampler, "steps": args.steps, "seed": args.seed,
                "torch_threads": torch.get_num_threads(), "single_object": rows, "two_object": two_rows,
                "best_scale": best["scale"], "best_single_object_adherence": best["adherence"],
                "no_guidance_adherence": no_guidance["adherence"] if no_guidance else None,
@@ -300,10 +329,17 @@ def main(argv=None):
     if args.update_card:
         card_path = Path(args.weights or ROOT / "weights") / "unet.json"
         card = json.loads(card_path.read_text())
-        card["metrics"] = {"benchmark": {k: v for k, v in results.items() if k not in ("single_object", "two_object")},
+        lists = ("single_object", "two_object", "components", "early_unet_single_object")
+        card["metrics"] = {"benchmark": {k: v for k, v in results.items() if k not in lists},
                            "adherence_by_guidance": {str(r["scale"]): r["adherence"] for r in rows},
                            "two_object": two_rows}
         card_path.write_text(json.dumps(card, indent=2) + "\n")
+        early_path = card_path.with_name("unet_early.json")
+        if early_rows and early_path.exists():
+            early_card = json.loads(early_path.read_text())
+            early_card["metrics"] = {"adherence_by_guidance": {str(r["scale"]): r["adherence"] for r in early_rows},
+                                     "n_captions": args.n, "sampler": args.sampler, "steps": args.steps}
+            early_path.write_text(json.dumps(early_card, indent=2) + "\n")
     return 0 if ok and comp_ok else 1
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -120,11 +120,15 @@ class TinySD:
 
 
 def load_tiny_sd(device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 weights_dir: str | Path | None = None) -> TinySD:
-    """Load the shipped VAE, CLIP and U-Net (safetensors + JSON cards; nothing is unpickled)."""
+                 weights_dir: str | Path | None = None, unet: Literal["unet", "unet_early"] = "unet") -> TinySD:
+    """Load the shipped VAE, CLIP and U-Net (safetensors + JSON cards; nothing is unpickled).
+
+    ``unet="unet_early"`` swaps in the U-Net of the same training run at 1000 of its 3000 steps:
+    without guidance it follows prompts far less often, which is what lesson 4 needs to show CFG.
+    """
     vae = load_vae(weights_dir, device, dtype)
     clip = load_clip(weights_dir, device, dtype)
-    unet = load_unet(weights_dir, device, dtype)
+    unet = load_unet(weights_dir, device, dtype, name=unet)
     if unet.config.context_dim != clip.config.width:
         raise ValueError(f"the U-Net expects text states of width {unet.config.context_dim} but the text tower "
                          f"gives {clip.config.width}: the weight files come from different training runs")

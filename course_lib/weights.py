@@ -202,11 +202,17 @@ def load_clip(weights_dir=None, device=None, dtype=None):
     return load_model("clip", CLIPConfig, CLIP, weights_dir, device, dtype)
 
 
-def load_unet(weights_dir=None, device=None, dtype=None):
-    """The course's trained conditional U-Net (``weights/unet.*``)."""
+def load_unet(weights_dir=None, device=None, dtype=None, name: str = "unet"):
+    """The course's trained conditional U-Net (``weights/unet.*``).
+
+    ``name="unet_early"`` loads the same training run stopped at 1000 steps: its text conditioning
+    is still weak, so it shows what classifier-free guidance is for (lesson 4).
+    """
     from .unet import UNet, UNetConfig
 
-    return load_model("unet", UNetConfig, UNet, weights_dir, device, dtype)
+    if name not in ("unet", "unet_early"):
+        raise ValueError(f"name must be 'unet' or 'unet_early', got {name!r}")
+    return load_model(name, UNetConfig, UNet, weights_dir, device, dtype)
 
 
 def load_evaluator(weights_dir=None, device=None, dtype=None):
