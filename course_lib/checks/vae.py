@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from course_lib.agent import Probe
-from course_lib.checking import Exercise, Run
+from course_lib.checking import Exercise
 
 FLOAT32_BYTES = 4
 MIB = 2**20

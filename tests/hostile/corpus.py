@@ -11,7 +11,6 @@ ex84_unet_analyzer 8.
 
 from __future__ import annotations
 
-import copy
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
