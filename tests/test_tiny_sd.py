@@ -1,0 +1,77 @@
+"""The whole tiny Stable Diffusion: generation API, determinism, and the shipped system's adherence bar."""
+
+import pytest
+import torch
+
+from course_lib import data
+from course_lib.tiny_sd import TinySD, load_evaluator, load_tiny_sd, prompt_adherence
+
+PROMPTS = ["a large red circle in the centre", "small blue square, top left"]
+
+
+@pytest.fixture(scope="module")
+def pipe() -> TinySD:
+    return load_tiny_sd()
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return load_evaluator()
+
+
+def test_generate_shapes_range_and_latents(pipe):
+    images, latents = pipe.generate(PROMPTS, num_steps=3, generator=torch.Generator().manual_seed(0),
+                                    return_latents=True)
+    assert images.shape == (2, 3, 64, 64) and images.dtype == torch.float32
+    assert images.min() >= -1 and images.max() <= 1
+    assert latents.shape == (2, 4, 8, 8)
+    assert pipe.encode_prompt(PROMPTS).shape == (2, 32, pipe.clip.config.width)
+
+
+def test_same_generator_same_images(pipe):
+    a = pipe.generate(PROMPTS, num_steps=3, generator=torch.Generator().manual_seed(1))
+    b = pipe.generate(PROMPTS, num_steps=3, generator=torch.Generator().manual_seed(1))
+    c = pipe.generate(PROMPTS, num_steps=3, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_ancestral", "dpmpp_2m", "ddpm"])
+def test_every_sampler_runs(pipe, sampler):
+    out = pipe.generate(PROMPTS[:1], num_steps=2, sampler=sampler, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+
+
+def test_callback_negative_prompt_and_no_guidance(pipe):
+    seen = []
+    pipe.generate(PROMPTS[:1], num_steps=4, negative_prompt="a small green triangle in the centre",
+                  callback=lambda i, t, x, x0: seen.append((i, t)), generator=torch.Generator().manual_seed(0))
+    assert [i for i, _ in seen] == [0, 1, 2, 3]
+    out = pipe.generate(PROMPTS[:1], num_steps=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 3, 64, 64)
+
+
+def test_bad_arguments(pipe):
+    with pytest.raises(ValueError, match="sampler"):
+        pipe.generate(PROMPTS, sampler="plms")
+    with pytest.raises(ValueError, match="negative"):
+        pipe.generate(PROMPTS, negative_prompt=["", "", ""])
+    with pytest.raises(ValueError, match="guidance_scale"):
+        pipe.generate(PROMPTS, guidance_scale=0.5)
+
+
+def test_shipped_system_follows_prompts(pipe, evaluator):
+    captions = data.generate(48, seed=21, split="heldout", two_object_fraction=0.0).captions
+    result = prompt_adherence(pipe.generate(captions, num_steps=20, generator=torch.Generator().manual_seed(0)),
+                              captions, evaluator)
+    assert result["adherence"] >= 0.95, result["per_attribute"]
+
+
+def test_guidance_lifts_the_early_unet(evaluator):
+    early = load_tiny_sd(unet="unet_early")
+    assert early.unet.card["steps"] < load_tiny_sd().unet.card["steps"]
+    captions = data.generate(64, seed=22, split="heldout", two_object_fraction=0.0).captions
+    score = {w: prompt_adherence(early.generate(captions, num_steps=20, guidance_scale=w,
+                                                generator=torch.Generator().manual_seed(0)), captions, evaluator)
+             for w in (1.0, 3.0)}
+    assert score[3.0]["adherence"] >= 0.9
+    assert score[1.0]["adherence"] <= score[3.0]["adherence"] - 0.05
