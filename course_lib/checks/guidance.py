@@ -1,7 +1,7 @@
 """Checks for solutions/04_guidance_exercises.ipynb: the CFG simulator (episode 85) and guidance
 rescale.
 
-Lesson: notebooks/04_guidance.ipynb (classifier-free guidance).
+Lesson: notebooks/04_classifier_free_guidance.ipynb (classifier-free guidance).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Checks for solutions/08_lineage_exercises.ipynb: counting parameters, up to SD 1.5's and SDXL's
 U-Nets built from their published configs on PyTorch's meta device (no weights, no download).
 
-Lesson: notebooks/08_lineage.ipynb (SD 1.5, 2.1, SDXL, SD 3).
+Lesson: notebooks/08_sd_lineage.ipynb (SD 1.5, 2.1, SDXL, SD 3).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Checks for solutions/07_pipeline_exercises.ipynb: the latents a pipeline starts from, and one guided
 denoising step as StableDiffusionPipeline takes it (one U-Net call on a doubled batch, CFG, DDIM).
 
-Lesson: notebooks/07_pipeline.ipynb (the complete pipeline).
+Lesson: notebooks/07_complete_pipeline.ipynb (the complete pipeline).
 """
 
 from __future__ import annotations

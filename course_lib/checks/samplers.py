@@ -1,7 +1,7 @@
 """Checks for solutions/05_samplers_exercises.ipynb: the DDIM step estimator (episode 85) and one
 Euler step in sigma space.
 
-Lesson: notebooks/05_samplers.ipynb (DDIM and modern samplers).
+Lesson: notebooks/05_ddim_and_samplers.ipynb (DDIM and modern samplers).
 
 Notation (code name -> paper symbol):
     alpha_bar   ᾱ_t                    cumulative product of (1 - β) (DDPM)

@@ -1,7 +1,7 @@
 """Checks for solutions/01_vae_exercises.ipynb: the VAE compression analyser (episode 85) and the
 reparameterisation trick with its KL term.
 
-Lesson: notebooks/01_vae.ipynb (latent diffusion and the VAE).
+Lesson: notebooks/01_vae_latent_space.ipynb (latent diffusion and the VAE).
 """
 
 from __future__ import annotations
