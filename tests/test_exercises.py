@@ -89,12 +89,19 @@ def test_nbval_solutions_pass_and_exercises_fail_with_feedback(tmp_path):
     )
     assert xml.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     items: dict[str, list] = {}
+    seconds: dict[str, float] = {}
     for case in ET.parse(xml).iter("testcase"):
+        key = "/".join(case.get("classname").split(".", 1))
+        seconds[key] = seconds.get(key, 0.0) + float(case.get("time") or 0)
         failure = case.find("failure")
         if failure is None:
             failure = case.find("error")
         folder, nb = case.get("classname").split(".", 1)
         items.setdefault(f"{folder}/{nb}", []).append((case.get("name"), failure))
+    report = ROOT / "artifacts" / "solution_times.md"  # the run time of each notebook in this run
+    report.parent.mkdir(exist_ok=True)
+    report.write_text("| notebook | seconds |\n| --- | ---: |\n"
+                      + "".join(f"| {k} | {v:.1f} |\n" for k, v in sorted(seconds.items())))
     for path in SOLUTIONS:
         got = items[f"solutions/{path.name}"]
         failed = [(name, f.text[-800:]) for name, f in got if f is not None]
