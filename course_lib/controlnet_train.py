@@ -52,12 +52,14 @@ class ControlNetTraining:
     caption_dropout: float = 0.1  # captions replaced by "": the control must also work in CFG's unconditional branch
     min_snr_gamma: float | None = 5.0  # Min-SNR weighting, as the U-Net was trained (None: plain MSE)
     eval_scenes: int = 64  # held-out scenes for the model card's quick edge-F1 and adherence check
+    curve_every: int = 250  # also measure edge F1 on a few held-out scenes every this many steps (0: never)
+    curve_scenes: int = 16  # held-out scenes for that learning curve (10 DDIM steps each: a few seconds)
     seed: int = 0  # initialisation of the control encoder, batch order, noise
 
 
 def quick_training() -> ControlNetTraining:
     """A few steps on a few scenes: for smoke tests of the command (seconds)."""
-    return ControlNetTraining(steps=5, batch_size=8, n_scenes=256, n_canny=32, eval_scenes=4)
+    return ControlNetTraining(steps=5, batch_size=8, n_scenes=256, n_canny=32, eval_scenes=4, curve_every=0)
 
 
 @torch.no_grad()
@@ -99,6 +101,14 @@ def control_metrics(pipe, controlnet: ControlNet, heldout: data.Scenes, evaluato
                        "sampler": "ddim", "guidance_scale": guidance_scale, "seed": seed,
                        "edge_tolerance_px": EDGE_TOLERANCE, "edge_reader": f"edges.canny_edges(sigma={EDGE_SIGMA})"}
     return out
+
+
+@torch.no_grad()
+def quick_edge_f1(pipe, controlnet: ControlNet, scenes: data.Scenes, num_steps: int = 10, seed: int = 0) -> float:
+    """Mean edge F1 (Canny of the image vs the control, EDGE_TOLERANCE px) of ``scenes`` generated with their edges."""
+    images = generate_with_control(pipe, scenes.captions, edges.to_control(scenes.edges), controlnet,
+                                   num_steps=num_steps, generator=torch.Generator().manual_seed(seed))
+    return edges.edge_f1(edges.canny_edges(images, sigma=EDGE_SIGMA), scenes.edges, EDGE_TOLERANCE)["f1"].mean().item()
 
 
 def _pipe(vae: VAE, clip: CLIP, unet: UNet):
@@ -144,6 +154,10 @@ def train_controlnet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSe
     net = ControlNet.from_unet(unet, config.conditioning_channels, config.conditioning_block_channels).train()
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=0.0)
     log = LossLog()
+    curve_s = 0.0
+    pipe = _pipe(vae, clip, unet)
+    curve_set = _subset(heldout, tc.curve_scenes)
+    curve = []  # (step, edge F1 with control): ControlNets are known to "suddenly" start following the control
     with tqdm(total=tc.steps, desc="train controlnet", disable=quiet, mininterval=2.0) as bar:
         for step, idx in enumerate(batches(n, tc.batch_size, tc.steps, gi)):
             ctrl = scene_edges[idx]  # (B, 1, 64, 64)
@@ -175,19 +189,28 @@ def train_controlnet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSe
             log.add(loss.item())
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    train_s = time.time() - started - prep_s
+            if tc.curve_every and ((step + 1) % tc.curve_every == 0 or step + 1 == tc.steps):
+                t_curve = time.time()
+                curve.append({"step": step + 1, "edge_f1_canny": quick_edge_f1(pipe, net.eval(), curve_set)})
+                net.train()
+                curve_s += time.time() - t_curve
+                bar.write(f"controlnet step {step + 1}: loss {sum(log.values[-100:]) / len(log.values[-100:]):.4f}, "
+                          f"edge F1 on {len(curve_set)} held-out scenes {curve[-1]['edge_f1_canny']:.3f}")
+    train_s = time.time() - started - prep_s - curve_s
     net.eval().requires_grad_(False)
 
     metrics = {}
     if tc.eval_scenes:
         evaluator = load_evaluator(out_dir, device=device) if (Path(out_dir) / "evaluator.json").exists() else None
         sub = _subset(heldout, tc.eval_scenes)
-        metrics = control_metrics(_pipe(vae, clip, unet), net, sub, evaluator, batch=tc.eval_scenes)
+        metrics = control_metrics(pipe, net, sub, evaluator, batch=tc.eval_scenes)
         metrics["full_benchmark"] = "benchmarks/bench_controlnet.py --update-card adds the full held-out measurement"
     card = {"data": dataclasses.asdict(data_cfg), "training": dataclasses.asdict(tc), "steps": tc.steps,
             "loss": log.summary(), "metrics": metrics, "wall_time_s": round(time.time() - started, 1),
+            "edge_f1_curve": curve,
             "wall_time_breakdown_s": {"pre_encode": round(prep_s, 1), "train": round(train_s, 1),
-                                      "evaluate": round(time.time() - started - prep_s - train_s, 1)},
+                                      "learning_curve": round(curve_s, 1),
+                                      "evaluate": round(time.time() - started - prep_s - train_s - curve_s, 1)},
             "device": str(device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "load_average_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
             "base_unet_sha256": _card_sha(out_dir, "unet"), "versions": library_versions()}
