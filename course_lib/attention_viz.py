@@ -103,13 +103,17 @@ def mass_inside(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (up * mask[:, None].float()).sum(dim=(2, 3))
 
 
-def overlay(ax, image: torch.Tensor, heat: torch.Tensor, title: str = "", vmax: float | None = None, alpha: float = 0.6):
-    """Show ``image`` (3, H, W) in [-1, 1] in grey with ``heat`` (h, w) on top, resized to H x W."""
+def overlay(ax, image: torch.Tensor, heat: torch.Tensor, title: str = "", vmax: float | None = None,
+            vmin: float | None = 0.0, alpha: float = 0.6):
+    """Show ``image`` (3, H, W) in [-1, 1] in grey with ``heat`` (h, w) on top, resized to H x W.
+
+    The colour scale runs from ``vmin`` to ``vmax``; ``None`` takes the map's own minimum or maximum."""
     h, w = image.shape[-2:]
     up = F.interpolate(heat[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
     grey = to_uint8(image).mean(axis=-1)
     ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
-    im = ax.imshow(up.cpu(), cmap="inferno", alpha=alpha, vmin=0, vmax=vmax if vmax is not None else float(up.max()))
+    im = ax.imshow(up.cpu(), cmap="inferno", alpha=alpha, vmin=float(up.min()) if vmin is None else vmin,
+                   vmax=float(up.max()) if vmax is None else vmax)
     ax.set_title(title, fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])

@@ -64,16 +64,19 @@ def zero_shot_accuracy(clip: CLIP, tokenizer: Tokenizer, scenes: Scenes, indices
 
 
 @torch.no_grad()
-def binding_preference(clip: CLIP, tokenizer: Tokenizer, scenes: Scenes, indices: list[int]) -> dict[str, float]:
-    """For the two-object scenes ``indices``: how often the image is more similar to its true caption than to
-    the caption with the colours swapped, and than to the one with the positions swapped (``binding_swaps``)."""
+def binding_preference(clip: CLIP, tokenizer: Tokenizer, scenes: Scenes, indices: list[int]) -> dict[str, dict[str, float]]:
+    """For the two-object scenes ``indices`` and each swap of ``binding_swaps`` ("colours swapped", "positions
+    swapped"): ``preferred``, how often the image is more similar to its true caption than to the swapped one,
+    and ``text_cosine``, the mean cosine similarity of the two captions' text embeddings (1: indistinguishable)."""
     device = clip.logit_scale.device
     images = clip.encode_image(scenes.images_float()[indices].to(device))  # (N, D)
     variants = [binding_swaps(scenes.attributes(i)) for i in indices]
     keys = list(variants[0])
     texts = clip.encode_text(tokenizer([v[k] for v in variants for k in keys]).to(device)).view(len(indices), len(keys), -1)
     sims = (texts @ images[:, :, None])[..., 0].cpu()  # (N, 3): true, colours swapped, positions swapped
-    return {k: (sims[:, 0] > sims[:, j]).float().mean().item() for j, k in enumerate(keys) if j > 0}
+    return {k: {"preferred": (sims[:, 0] > sims[:, j]).float().mean().item(),
+                "text_cosine": (texts[:, 0] * texts[:, j]).sum(-1).mean().item()}
+            for j, k in enumerate(keys) if j > 0}
 
 
 def similarity_figure(images: torch.Tensor, captions: list[str], sims: torch.Tensor, title: str):

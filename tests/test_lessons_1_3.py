@@ -115,7 +115,9 @@ def test_zero_shot_candidates_and_binding_swaps():
     singles = [i for i in range(64) if int(scenes.n_objects[i]) == 1][:8]
     pairs = [i for i in range(64) if int(scenes.n_objects[i]) == 2][:8]
     assert 0.0 <= zero_shot_accuracy(clip, Tokenizer(), scenes, singles, "shape") <= 1.0
-    assert set(binding_preference(clip, Tokenizer(), scenes, pairs)) == {"colours swapped", "positions swapped"}
+    prefs = binding_preference(clip, Tokenizer(), scenes, pairs)
+    assert set(prefs) == {"colours swapped", "positions swapped"}
+    assert all(0 <= v["preferred"] <= 1 and -1 <= v["text_cosine"] <= 1 + 1e-6 for v in prefs.values())
 
 
 def _wrong_split(x, heads):
