@@ -297,8 +297,9 @@ def clip_metrics(clip: CLIP, heldout: data.Scenes, device="cpu", batch: int = 64
     tok = Tokenizer(clip.config.context_length)
     n = (len(heldout) // batch) * batch
     strict = semantic = t2i = 0
+    all_images = heldout.images_float()
     for s in range(0, n, batch):
-        images = heldout.images_float()[s:s + batch].to(device)
+        images = all_images[s:s + batch].to(device)
         caps = heldout.captions[s:s + batch]
         sims = clip.encode_image(images) @ clip.encode_text(tok(caps).to(device)).T  # (batch, batch)
         best = sims.argmax(dim=1).cpu()
@@ -415,7 +416,10 @@ def train_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings
 
     One step (Ho et al. 2020, Algorithm 1, in latent space as in Rombach et al. 2022):
     z0 = scaling_factor * (mean + std * n)  ->  t ~ U{0..999}, eps ~ N(0, I)
-    ->  z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps  ->  loss = |eps - eps_theta(z_t, t, text)|^2
+    ->  z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps  ->  loss = w_t |eps - eps_theta(z_t, t, text)|^2
+    with w_t = min(SNR_t, gamma) / SNR_t (Min-SNR; w_t = 1, SD's plain MSE, with ``min_snr_gamma=None``).
+    10% of captions are replaced by the encoding of "" (caption dropout), so the same network also
+    predicts the unconditional noise that classifier-free guidance needs.
     """
     started = time.time()
     vae = vae if vae is not None else load_vae(out_dir, device=device)

@@ -30,7 +30,16 @@ from torch import nn
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"  # the shipped weights
 CARD_VERSION = 1
-RETRAIN_HINT = "Re-create it with `python -m course_lib.train --only {name}` (or restore it with `git checkout weights/`)."
+_TRAIN_COMMAND = {"evaluator": "evaluator", "vae": "vae", "clip": "clip", "unet": "unet", "unet_early": "unet"}
+
+
+def retrain_hint(name: str) -> str:
+    """How to get a missing or damaged weight file back."""
+    if name in _TRAIN_COMMAND:
+        how = f"Re-create it with `python -m course_lib.train --only {_TRAIN_COMMAND[name]}`"
+    else:
+        how = "Re-create it with the training command of the model that wrote it"
+    return how + " (or restore the shipped file with `git checkout weights/`)."
 
 C = TypeVar("C")
 M = TypeVar("M", bound=nn.Module)
@@ -107,14 +116,14 @@ def read_card(name: str, weights_dir: str | Path | None = None) -> dict:
     """The model card of ``name`` as a dict (no tensors are read)."""
     tensor_path, card_path = _paths(name, weights_dir)
     if not card_path.exists():
-        raise FileNotFoundError(f"no model card {card_path}. " + RETRAIN_HINT.format(name=name))
+        raise FileNotFoundError(f"no model card {card_path}. " + retrain_hint(name))
     try:
         card = json.loads(card_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise WeightsError(f"model card {card_path} is not valid JSON ({err}). " + RETRAIN_HINT.format(name=name)) from err
+        raise WeightsError(f"model card {card_path} is not valid JSON ({err}). " + retrain_hint(name)) from err
     if not isinstance(card, dict) or "config" not in card or card.get("name") != name:
         raise WeightsError(f"{card_path} is not a model card for {name!r} (it needs 'name' and 'config'). "
-                           + RETRAIN_HINT.format(name=name))
+                           + retrain_hint(name))
     return card
 
 
@@ -125,7 +134,7 @@ def config_from_card(config_cls: Callable[..., C], card: dict) -> C:
     if unknown:
         raise WeightsError(f"model card {card['name']!r} has config keys {sorted(unknown)} that "
                            f"{config_cls.__name__} does not know: the card belongs to another version or model. "
-                           + RETRAIN_HINT.format(name=card["name"]))
+                           + retrain_hint(card["name"]))
     try:
         return config_cls(**card["config"])
     except (TypeError, ValueError) as err:
@@ -140,17 +149,17 @@ def read_tensors(name: str, weights_dir: str | Path | None = None, card: dict | 
     tensor_path, _ = _paths(name, weights_dir)
     card = card if card is not None else read_card(name, weights_dir)
     if not tensor_path.exists():
-        raise FileNotFoundError(f"no weight file {tensor_path}. " + RETRAIN_HINT.format(name=name))
+        raise FileNotFoundError(f"no weight file {tensor_path}. " + retrain_hint(name))
     if tensor_path.read_bytes()[:200].startswith(b"version https://git-lfs"):
         raise WeightsError(f"{tensor_path} is a Git LFS pointer, not the weights: run `git lfs pull`.")
     expected = card.get("sha256")
     if expected is not None and _sha256(tensor_path) != expected:
         raise WeightsError(f"{tensor_path} does not match the checksum in its model card: the file is damaged "
-                           "or belongs to another training run. " + RETRAIN_HINT.format(name=name))
+                           "or belongs to another training run. " + retrain_hint(name))
     try:
         return load_file(str(tensor_path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise WeightsError(f"{tensor_path} is not a readable safetensors file ({err}). " + RETRAIN_HINT.format(name=name)) from err
+        raise WeightsError(f"{tensor_path} is not a readable safetensors file ({err}). " + retrain_hint(name)) from err
 
 
 def load_state_into(model: M, state: dict[str, torch.Tensor], name: str) -> M:
@@ -169,7 +178,7 @@ def load_state_into(model: M, state: dict[str, torch.Tensor], name: str) -> M:
             parts.append("wrong shapes " + ", ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                                                      for k in wrong[:5]))
         raise WeightsError(f"the weights of {name!r} do not fit the architecture its card describes ("
-                           + "; ".join(parts) + "). " + RETRAIN_HINT.format(name=name))
+                           + "; ".join(parts) + "). " + retrain_hint(name))
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     return model
 
