@@ -162,7 +162,8 @@ class ControlNet(nn.Module):
         sample (B, 4, h, w) noisy latents; timestep scalar or (B,); encoder_hidden_states (B, L, D);
         controlnet_cond (B, conditioning_channels, h * f, w * f) control image, f = 8 (an edge map:
         float, 0 or 1). Returns (down_residuals: one (B, C_k, h_k, w_k) per skip connection, in
-        the order the U-Net makes them; mid_residual (B, C, h / 2, w / 2)), all times ``conditioning_scale``.
+        the order the U-Net makes them; mid_residual (B, C_last, h', w') at the middle block's
+        resolution), all times ``conditioning_scale``.
         """
         cfg, u = self.config, self.config.unet
         if sample.dim() != 4 or sample.shape[1] != u.in_channels:
@@ -189,7 +190,7 @@ class ControlNet(nn.Module):
         for block in self.down_blocks:
             x, s = block(x, temb, context)
             skips += s
-        x = self.mid_block(x, temb, context)  # (B, C_last, h / 2, w / 2)
+        x = self.mid_block(x, temb, context)  # (B, C_last, h', w'): the lowest resolution
         down = [zc(s) * conditioning_scale for zc, s in zip(self.controlnet_down_blocks, skips)]
         mid = self.controlnet_mid_block(x) * conditioning_scale
         return down, mid

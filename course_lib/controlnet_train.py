@@ -131,7 +131,7 @@ def train_controlnet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSe
 
     tc = tc or ControlNetTraining()
     config = config or ControlNetConfig()
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     vae = (vae if vae is not None else load_vae(out_dir, device=device)).eval().requires_grad_(False)
     clip = (clip if clip is not None else load_clip(out_dir, device=device)).eval().requires_grad_(False)
     unet = (unet if unet is not None else load_unet(out_dir, device=device)).eval().requires_grad_(False)
@@ -211,6 +211,9 @@ def train_controlnet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSe
             "wall_time_breakdown_s": {"pre_encode": round(prep_s, 1), "train": round(train_s, 1),
                                       "learning_curve": round(curve_s, 1),
                                       "evaluate": round(time.time() - started - prep_s - train_s - curve_s, 1)},
+            # CPU seconds of this process: on a machine shared with other work, wall time says little; on an
+            # otherwise idle machine with N cores, wall time is about cpu_time_s / N.
+            "cpu_time_s": round(time.process_time() - cpu_started, 1),
             "device": str(device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "load_average_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
             "base_unet_sha256": _card_sha(out_dir, "unet"), "versions": library_versions()}
