@@ -1,0 +1,209 @@
+"""Measuring classifier-free guidance on the tiny SD: many scales in one batch, colour statistics, binding.
+
+Lesson 4 ("classifier-free guidance") uses these to turn "guidance makes prompts work" and "high
+scales oversaturate" into curves. The guidance itself is ``course_lib.guidance``; this module only
+batches it and measures what comes out.
+
+Notation (code name -> paper symbol):
+    scales        w        one guidance scale per sample, SD's convention (w = 1: no guidance)
+    eps_u, eps_c  eps(x_t), eps(x_t, c)   unconditional (or negative-prompt) and conditional predictions
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .data import BACKGROUND_RGB, BACKGROUNDS, COLOUR_RGB, COLOURS, POSITIONS, parse_caption
+from .evaluator import HEADS
+from .guidance import classifier_free_guidance, guided_model, rescale_noise_cfg
+from .samplers import sample
+
+Model = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+
+
+def per_sample_guided_model(model: Model, cond: torch.Tensor, uncond: torch.Tensor, scales: torch.Tensor,
+                            guidance_rescale: float = 0.0) -> Model:
+    """Like ``guidance.guided_model``, but with one guidance scale per sample: scales (B,).
+
+    Still ONE batched forward pass per call, on cat([x, x]) with cat([uncond, cond]); the
+    per-sample scale is broadcast as (B, 1, 1, 1). This is how a whole scale sweep runs as a
+    single sampling loop.
+    """
+    scales = torch.as_tensor(scales, dtype=torch.float32)
+    if scales.ndim != 1 or cond.shape[0] != scales.shape[0] or uncond.shape != cond.shape:
+        raise ValueError(f"need cond and uncond of the same shape (B, L, D) and scales (B,), got "
+                         f"{tuple(cond.shape)}, {tuple(uncond.shape)}, {tuple(scales.shape)}")
+
+    def guided(x: torch.Tensor, t: torch.Tensor, unused_cond: Any = None) -> torch.Tensor:
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]))  # (2B, ...)
+        eps_u, eps_c = out.chunk(2)  # (B, ...) each
+        w = scales.to(x.device, x.dtype).view(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
+        pred = classifier_free_guidance(eps_u, eps_c, w)
+        if guidance_rescale > 0:
+            pred = rescale_noise_cfg(pred, eps_c, guidance_rescale)
+        return pred
+
+    return guided
+
+
+@torch.no_grad()
+def scale_sweep(sd, prompts: Sequence[str], scales: Sequence[float], noise: torch.Tensor, num_steps: int = 20,
+                negative_prompt: str | Sequence[str] | None = None, guidance_rescale: float = 0.0,
+                sampler: str = "ddim", return_pred_std: bool = False):
+    """Final scaled latents for every (scale, prompt) pair, every scale from the same noise.
+
+    sd: a TinySD; noise: (P, 4, 8, 8), one starting latent per prompt, reused at every scale;
+    negative_prompt: what guidance steers away from ("" by default), one string or one per prompt.
+    Returns latents (S, P, 4, 8, 8). Scales above 1 run as ONE sampling loop over S' * P samples
+    (one U-Net pass of batch 2 S' P per step); scale 1 runs the conditional branch alone, as
+    ``guided_model`` does. With return_pred_std=True it also returns the standard deviation of
+    each sample's guided prediction at every step, (S, num_steps, P).
+    """
+    P = len(prompts)
+    if noise.shape[0] != P:
+        raise ValueError(f"need one starting latent per prompt: {P} prompts, noise of shape {tuple(noise.shape)}")
+    negative = [""] * P if negative_prompt is None else (
+        [negative_prompt] * P if isinstance(negative_prompt, str) else list(negative_prompt))
+    if len(negative) != P:
+        raise ValueError(f"got {P} prompts but {len(negative)} negative prompts")
+    cond = sd.encode_prompt(list(prompts))  # (P, L, D)
+    uncond = sd.encode_prompt(negative)  # (P, L, D)
+    x = noise.to(sd.device, sd.dtype)
+    kw = dict(prediction_type=sd.unet.config.prediction_type)
+    latents, stds = {}, {}
+    if 1.0 in scales:
+        log: list[torch.Tensor] = []
+        model = _recorded(guided_model(sd.unet, cond, None, 1.0), log)
+        latents[1.0] = sample(sampler, model, x, sd.schedule, num_steps, None, **kw)
+        stds[1.0] = torch.stack(log)  # (steps, P)
+    guided = [s for s in scales if s != 1.0]
+    if guided:
+        S = len(guided)
+        w = torch.tensor(guided, dtype=torch.float32).repeat_interleave(P)  # (S*P,): scale of each sample
+        log = []
+        model = _recorded(per_sample_guided_model(sd.unet, cond.repeat(S, 1, 1), uncond.repeat(S, 1, 1), w,
+                                                  guidance_rescale), log)
+        z = sample(sampler, model, x.repeat(S, 1, 1, 1), sd.schedule, num_steps, None, **kw)  # (S*P, 4, 8, 8)
+        s_all = torch.stack(log)  # (steps, S*P)
+        for k, s in enumerate(guided):
+            latents[s] = z[k * P:(k + 1) * P]
+            stds[s] = s_all[:, k * P:(k + 1) * P]
+    out = torch.stack([latents[s] for s in scales])  # (S, P, 4, 8, 8)
+    if return_pred_std:
+        return out, torch.stack([stds[s] for s in scales])  # (S, steps, P)
+    return out
+
+
+def _recorded(model: Model, log: list) -> Model:
+    """Wrap `model` so that every call appends the per-sample std of its output to `log`."""
+
+    def wrapped(x, t, cond=None):
+        pred = model(x, t, cond)
+        log.append(pred.flatten(1).float().std(dim=1).cpu())  # (B,)
+        return pred
+
+    return wrapped
+
+
+@torch.no_grad()
+def decode_unclamped(sd, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> the VAE decoder's raw output (B, 3, 64, 64), before TinySD clamps it to [-1, 1]."""
+    return sd.vae.decode(latents.to(sd.device, sd.dtype) / sd.vae.config.scaling_factor)
+
+
+PALETTE_RGB = list(COLOUR_RGB.values()) + list(BACKGROUND_RGB.values())  # every colour a real scene contains
+
+
+def colour_stats(raw: torch.Tensor, tolerance: float = 30.0) -> dict[str, float]:
+    """Colour statistics of a batch of decoded images, the course's measures of "oversaturated" and "artifacts".
+
+    raw: (B, 3, H, W) decoder output (nominally in [-1, 1], not yet clamped). Returns means over the batch:
+      saturation    mean HSV saturation (max - min) / max of the coloured pixels (saturation > 0.25: the objects)
+      off_palette   fraction of pixels farther than `tolerance` (RGB distance, 0-255 units) from every colour
+                    the data set draws with: tints, gradients and mottled backgrounds. Real scenes: 0.
+      out_of_range  fraction of the decoder's output values beyond [-1, 1], colours it overshoots (then clipped)
+    """
+    rgb = (raw.float().clamp(-1, 1) + 1) / 2  # (B, 3, H, W) in [0, 1]
+    mx, mn = rgb.max(dim=1).values, rgb.min(dim=1).values  # (B, H, W)
+    sat = (mx - mn) / mx.clamp(min=1e-6)
+    coloured = sat > 0.25
+    palette = torch.tensor(PALETTE_RGB, dtype=torch.float32, device=rgb.device) / 255  # (K, 3)
+    dist = (rgb.permute(0, 2, 3, 1)[..., None, :] - palette).norm(dim=-1).min(dim=-1).values  # (B, H, W)
+    return {
+        "saturation": sat[coloured].mean().item() if coloured.any() else 0.0,
+        "off_palette": (dist > tolerance / 255).float().mean().item(),
+        "out_of_range": (raw.abs() > 1).float().mean().item(),
+    }
+
+
+@torch.no_grad()
+def caption_confidence(evaluator, images: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
+    """Per image, the evaluator's probability for the *least certain* attribute its caption asks for.
+
+    Adherence is yes/no; this says how clearly. For each captioned object: the probability that its
+    position is occupied and the probabilities of its shape, colour and size there (and of the
+    background, if the caption names one). Returns (B,) in [0, 1].
+    """
+    was_training = evaluator.training
+    evaluator.eval()
+    logits = {k: v.float().cpu() for k, v in evaluator(images.float()).items()}
+    evaluator.train(was_training)
+    out = []
+    for b, text in enumerate(captions):
+        want = parse_caption(text)
+        probs = []
+        for obj in want["objects"]:
+            p = POSITIONS.index(obj["position"])
+            probs.append(torch.sigmoid(logits["occupancy"][b, p]))
+            for name, vocab in HEADS.items():
+                probs.append(logits[name][b, p].softmax(-1)[vocab.index(obj[name])])
+        if want["background"] is not None:
+            probs.append(logits["background"][b].softmax(-1)[BACKGROUNDS.index(want["background"])])
+        out.append(torch.stack(probs).min())
+    return torch.stack(out)
+
+
+def colours_at_positions(evaluator, images: torch.Tensor, positions: Sequence[str]) -> list[str | None]:
+    """The colour the evaluator reads at each image's given position (None where it sees no object)."""
+    pred = {k: v.cpu() for k, v in evaluator.predict(images.float()).items()}
+    out = []
+    for b, pos in enumerate(positions):
+        p = POSITIONS.index(pos)
+        out.append(COLOURS[int(pred["colour"][b, p])] if bool(pred["occupancy"][b, p]) else None)
+    return out
+
+
+def binding(evaluator, images: torch.Tensor, captions: Sequence[str]) -> dict[str, float]:
+    """Attribute binding on two-object captions.
+
+    For each image: are both objects found at their positions with the right colour
+    ("both_colours_right"), and were the two colours swapped between the objects ("swapped": the
+    classic binding failure: "a red circle and a blue square" drawn as a blue circle and a red square)?
+    """
+    pred = {k: v.cpu() for k, v in evaluator.predict(images.float()).items()}
+    right = swapped = 0
+    for b, text in enumerate(captions):
+        objs = parse_caption(text)["objects"]
+        if len(objs) != 2:
+            raise ValueError(f"binding() needs two-object captions, got {text!r}")
+        p = [POSITIONS.index(o["position"]) for o in objs]
+        want = [COLOURS.index(o["colour"]) for o in objs]
+        seen = [bool(pred["occupancy"][b, q]) for q in p]
+        got = [int(pred["colour"][b, q]) for q in p]
+        right += all(seen) and got == want
+        swapped += all(seen) and want[0] != want[1] and got == want[::-1]
+    n = max(len(captions), 1)
+    return {"both_colours_right": right / n, "swapped": swapped / n}
+
+
+def colour_pixel_fraction(images: torch.Tensor, colour: str, tolerance: float = 60.0) -> torch.Tensor:
+    """Per image, the fraction of pixels within `tolerance` (RGB distance, 0-255 units) of a data-set colour.
+
+    images: (B, 3, H, W) in [-1, 1]; colour: a key of ``data.COLOUR_RGB``. Returns (B,). A check on
+    colours that does not go through the evaluator.
+    """
+    rgb = (images.float().clamp(-1, 1) + 1) * 127.5  # (B, 3, H, W) in [0, 255]
+    target = torch.tensor(COLOUR_RGB[colour], dtype=torch.float32, device=rgb.device).view(1, 3, 1, 1)
+    return ((rgb - target).norm(dim=1) < tolerance).float().mean(dim=(1, 2))  # (B,)

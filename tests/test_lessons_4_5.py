@@ -1,0 +1,138 @@
+"""The helpers lessons 4 and 5 measure with (course_lib.guidance_viz, course_lib.sampler_viz) and their
+"check yourself" exercises, on a tiny randomly initialised SD (no weights needed, seconds on a CPU)."""
+
+import pytest
+import torch
+
+from course_lib import data
+from course_lib import guidance_viz as gv
+from course_lib.agent import LocalAgent
+from course_lib.checks import lesson45_checks as l45
+from course_lib.clip import CLIP, CLIPConfig, Tokenizer
+from course_lib.guidance import guided_model
+from course_lib.sampler_viz import sample_latents, sampler_timesteps
+from course_lib.samplers import ddim
+from course_lib.schedules import make_timesteps, sd_schedule
+from course_lib.tiny_sd import TinySD
+from course_lib.unet import UNet, UNetConfig
+from course_lib.vae import VAE, VAEConfig
+
+PROMPTS = ["a large red circle in the centre", "small blue square, top left", "a small green triangle in the top right"]
+
+
+@pytest.fixture(scope="module")
+def sd() -> TinySD:
+    torch.manual_seed(0)
+    clip_cfg = CLIPConfig(width=32, layers=1, heads=2, embed_dim=16, image_channels=(8, 8, 8, 8))
+    vae = VAE(VAEConfig(block_channels=(8, 8, 8, 8), layers_per_block=(0, 1, 0, 1), norm_groups=4)).eval()
+    unet = UNet(UNetConfig(block_channels=(16, 16), layers_per_block=1, heads=2, context_dim=32, time_embed_dim=32,
+                           norm_groups=8, ff_mult=1)).eval()
+    clip = CLIP(clip_cfg).eval()
+    return TinySD(vae=vae, clip=clip, unet=unet, tokenizer=Tokenizer(clip_cfg.context_length), schedule=sd_schedule())
+
+
+def noise(n, seed=0):
+    return torch.randn((n, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def test_per_sample_guided_model_equals_one_scale_at_a_time(sd):
+    cond, uncond = sd.encode_prompt(PROMPTS), sd.encode_prompt([""] * 3)
+    x, t = noise(3), torch.full((3,), 400)
+    scales = torch.tensor([1.5, 4.0, 9.0])
+    got = gv.per_sample_guided_model(sd.unet, cond, uncond, scales)(x, t)
+    for i, w in enumerate(scales.tolist()):
+        want = guided_model(sd.unet, cond[i:i + 1], uncond[i:i + 1], w)(x[i:i + 1], t[i:i + 1])
+        assert torch.allclose(got[i:i + 1], want, atol=1e-5)
+
+
+def test_scale_sweep_equals_separate_runs(sd):
+    x = noise(3, 1)
+    lat, std = gv.scale_sweep(sd, PROMPTS, [1.0, 3.0, 7.5], x, num_steps=4, return_pred_std=True)
+    assert lat.shape == (3, 3, 4, 8, 8) and std.shape == (3, 4, 3)
+    cond, uncond = sd.encode_prompt(PROMPTS), sd.encode_prompt([""] * 3)
+    for k, w in enumerate([1.0, 3.0, 7.5]):
+        want = ddim(guided_model(sd.unet, cond, uncond, w), x, sd.schedule, 4)
+        assert torch.allclose(lat[k], want, atol=1e-4)
+    # the same run through TinySD.generate (guidance against the empty prompt, leading spacing)
+    _, z = sd.generate(PROMPTS, num_steps=4, guidance_scale=3.0, latents=x, return_latents=True)
+    assert torch.allclose(lat[1], z, atol=1e-4)
+
+
+def test_scale_sweep_negative_prompt_and_rescale(sd):
+    x = noise(2, 2)
+    a = gv.scale_sweep(sd, PROMPTS[:2], [5.0], x, num_steps=3, negative_prompt="red")[0]
+    _, b = sd.generate(PROMPTS[:2], num_steps=3, guidance_scale=5.0, negative_prompt="red", latents=x,
+                       return_latents=True)
+    assert torch.allclose(a, b, atol=1e-4)
+    c = gv.scale_sweep(sd, PROMPTS[:2], [5.0], x, num_steps=3, guidance_rescale=0.7)[0]
+    _, d = sd.generate(PROMPTS[:2], num_steps=3, guidance_scale=5.0, guidance_rescale=0.7, latents=x,
+                       return_latents=True)
+    assert torch.allclose(c, d, atol=1e-4)
+    with pytest.raises(ValueError, match="one starting latent per prompt"):
+        gv.scale_sweep(sd, PROMPTS, [2.0], x)
+
+
+def test_colour_measures_on_real_scenes():
+    scenes = data.generate(8, seed=0)
+    images = scenes.images_float()
+    stats = gv.colour_stats(images)
+    assert 0 < stats["saturation"] < 1 and stats["out_of_range"] == 0.0
+    assert gv.colour_stats(images * 1.5)["out_of_range"] > 0
+    red = gv.colour_pixel_fraction(images, "red")
+    has_red = torch.tensor([any(o["colour"] == "red" for o in scenes.attributes(i)["objects"]) for i in range(8)])
+    assert torch.all(red[~has_red] == 0) and torch.all(red[has_red] > 0)
+
+
+class _TruthfulEvaluator:
+    """Reads back the attributes of known scenes: predict() in the evaluator's format."""
+
+    def __init__(self, scenes, swap_colours=False):
+        self.scenes, self.swap = scenes, swap_colours
+
+    def predict(self, images):
+        n, P = len(self.scenes), len(data.POSITIONS)
+        out = {"occupancy": torch.zeros(n, P, dtype=torch.bool), "colour": torch.zeros(n, P, dtype=torch.long)}
+        for i in range(n):
+            objs = self.scenes.attributes(i)["objects"]
+            cols = [o["colour"] for o in objs][::-1] if self.swap else [o["colour"] for o in objs]
+            for o, c in zip(objs, cols):
+                p = data.POSITIONS.index(o["position"])
+                out["occupancy"][i, p] = True
+                out["colour"][i, p] = data.COLOURS.index(c)
+        return out
+
+
+def test_binding_and_colours_at_positions():
+    scenes = data.generate(6, seed=3, two_object_fraction=1.0)
+    right = gv.binding(_TruthfulEvaluator(scenes), scenes.images_float(), scenes.captions)
+    assert right == {"both_colours_right": 1.0, "swapped": 0.0}
+    differ = sum(len({o["colour"] for o in scenes.attributes(i)["objects"]}) == 2 for i in range(6)) / 6
+    swapped = gv.binding(_TruthfulEvaluator(scenes, swap_colours=True), scenes.images_float(), scenes.captions)
+    assert swapped["swapped"] == pytest.approx(differ)
+    first = [scenes.attributes(i)["objects"][0] for i in range(6)]
+    assert gv.colours_at_positions(_TruthfulEvaluator(scenes), scenes.images_float(),
+                                   [o["position"] for o in first]) == [o["colour"] for o in first]
+
+
+def test_sample_latents_and_timesteps(sd):
+    x = noise(2, 4)
+    _, z = sd.generate(PROMPTS[:2], num_steps=5, guidance_scale=4.0, latents=x, return_latents=True)
+    assert torch.allclose(sample_latents(sd, PROMPTS[:2], x, "ddim", 5, 4.0), z, atol=1e-5)
+    assert sampler_timesteps("ddim", 10)[0].item() == 999
+    assert torch.equal(sampler_timesteps("dpmpp_2m", 10, "leading"),
+                       make_timesteps(10, 1000, "leading", 1, count_final_step=True))
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sampler_timesteps("plms", 10)
+
+
+def test_check_yourself_exercises_pass_the_references_and_fail_common_mistakes():
+    def run(ex_id, *objects):
+        ex = l45.EXERCISES[ex_id]
+        return ex.run(LocalAgent(dict(zip(ex.targets, objects))))
+
+    assert run("l04_cfg_per_sample", l45.cfg).passed
+    no_reshape = run("l04_cfg_per_sample", lambda u, c, w: u + torch.as_tensor(w) * (c - u))
+    assert [c.passed for c in no_reshape.checks] == [True, False, False]
+    assert run("l05_spaced_timesteps", l45.spaced_timesteps).passed
+    seed_style = run("l05_spaced_timesteps", lambda n, spacing, steps_offset=1: torch.arange(0, 1000, 1000 // n)[:n])
+    assert not any(c.passed for c in seed_style.checks)
