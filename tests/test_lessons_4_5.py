@@ -76,8 +76,9 @@ def test_colour_measures_on_real_scenes():
     scenes = data.generate(8, seed=0)
     images = scenes.images_float()
     stats = gv.colour_stats(images)
-    assert 0 < stats["saturation"] < 1 and stats["out_of_range"] == 0.0
-    assert gv.colour_stats(images * 1.5)["out_of_range"] > 0
+    assert 0.5 < stats["saturation"] <= 1 and stats["out_of_range"] == 0.0 and stats["off_palette"] == 0.0
+    tinted = gv.colour_stats(images * 1.5 + 0.3)
+    assert tinted["out_of_range"] > 0 and tinted["off_palette"] > 0
     red = gv.colour_pixel_fraction(images, "red")
     has_red = torch.tensor([any(o["colour"] == "red" for o in scenes.attributes(i)["objects"]) for i in range(8)])
     assert torch.all(red[~has_red] == 0) and torch.all(red[has_red] > 0)
@@ -136,3 +137,12 @@ def test_check_yourself_exercises_pass_the_references_and_fail_common_mistakes()
     assert run("l05_spaced_timesteps", l45.spaced_timesteps).passed
     seed_style = run("l05_spaced_timesteps", lambda n, spacing, steps_offset=1: torch.arange(0, 1000, 1000 // n)[:n])
     assert not any(c.passed for c in seed_style.checks)
+
+
+def test_caption_confidence_shape_and_range():
+    from course_lib.evaluator import Evaluator
+
+    scenes = data.generate(4, seed=1, two_object_fraction=0.5)
+    torch.manual_seed(0)
+    conf = gv.caption_confidence(Evaluator().eval(), scenes.images_float(), scenes.captions)
+    assert conf.shape == (4,) and torch.all((conf >= 0) & (conf <= 1))
