@@ -85,22 +85,28 @@ def sweep(pipe, net, scenes, evaluator, steps, guidance, seed, values, kind) -> 
     return rows
 
 
-def photo_controls(pipe, net, steps, guidance, seed) -> tuple[dict, dict]:
-    """Canny maps of real photographs as controls; F1 against the photo's map with and without control."""
+def photo_controls(pipe, net, steps, guidance, seed, scales=(1.0, 2.0)) -> tuple[dict, dict]:
+    """Canny maps of real photographs as controls; F1 against the photo's map without control and at ``scales``.
+
+    A photo's edge map is far from the outlines of three shapes that the ControlNet was trained on;
+    as with real ControlNets, such a control needs a higher weight to take hold.
+    """
     photos = edges.photographs()
     prompts = list(PHOTOS.values())
     raw = {name: photos[name]() for name in PHOTOS}
     control = torch.cat([edges.photo_control(raw[name]) for name in PHOTOS])  # (P, 1, 64, 64)
     noise = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(seed))
     kw = dict(num_steps=steps, guidance_scale=guidance, latents=noise)
-    with_c = generate_with_control(pipe, prompts, edges.to_control(control), net,
-                                   generator=torch.Generator().manual_seed(seed), **kw)
     without = pipe.generate(prompts, generator=torch.Generator().manual_seed(seed), **kw)
-    result = {"photos": list(PHOTOS), "prompts": prompts,
-              "edge_f1_with_control": f1_of(with_c, control), "edge_f1_without_control": f1_of(without, control),
-              "edge_f1_with_control_tol2": f1_of(with_c, control, 2),
-              "edge_f1_without_control_tol2": f1_of(without, control, 2)}
-    return result, {"raw": raw, "control": control, "with": with_c}
+    result = {"photos": list(PHOTOS), "prompts": prompts, "rows": [
+        {"scale": 0.0, "edge_f1": f1_of(without, control), "edge_f1_tol2": f1_of(without, control, 2)}]}
+    images = {}
+    for scale in scales:
+        images[scale] = generate_with_control(pipe, prompts, edges.to_control(control), net, conditioning_scale=scale,
+                                              generator=torch.Generator().manual_seed(seed), **kw)
+        result["rows"].append({"scale": scale, "edge_f1": f1_of(images[scale], control),
+                               "edge_f1_tol2": f1_of(images[scale], control, 2)})
+    return result, {"raw": raw, "control": control, "images": images}
 
 
 def combined_controls(pipe, net, steps, guidance, seed) -> tuple[dict, dict]:
@@ -126,9 +132,12 @@ def combined_controls(pipe, net, steps, guidance, seed) -> tuple[dict, dict]:
     im = generate_with_control(pipe, prompts, [edges.to_control(ea), edges.to_control(eb)], [net, net],
                                conditioning_scale=[1.0, 1.0], num_steps=steps, guidance_scale=guidance, latents=noise,
                                generator=torch.Generator().manual_seed(seed))
+    without = pipe.generate(prompts, num_steps=steps, guidance_scale=guidance, latents=noise,
+                            generator=torch.Generator().manual_seed(seed))
     union = ea | eb
-    return ({"n": len(prompts), "edge_f1_vs_union": f1_of(im, union), "prompts": prompts},
-            {"controls": union, "images": im, "prompts": prompts})
+    return ({"n": len(prompts), "edge_f1_vs_union": f1_of(im, union), "edge_f1_vs_union_without_control":
+             f1_of(without, union), "prompts": prompts},
+            {"a": ea, "b": eb, "images": im, "without": without, "prompts": prompts})
 
 
 def save_samples(pipe, net, scenes, steps, guidance, seed, photo, combo, path):
@@ -137,7 +146,7 @@ def save_samples(pipe, net, scenes, steps, guidance, seed, photo, combo, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = min(6, len(scenes))
+    k = min(8, len(scenes))  # the first held-out scenes, not picked
     sub = _subset(scenes, k)
     noise = torch.randn(k, 4, 8, 8, generator=torch.Generator().manual_seed(seed + 5))
     kw = dict(num_steps=steps, guidance_scale=guidance, latents=noise)
@@ -148,43 +157,45 @@ def save_samples(pipe, net, scenes, steps, guidance, seed, photo, combo, path):
     without = pipe.generate(sub.captions, generator=torch.Generator().manual_seed(seed), **kw)
 
     def show(ax, img, title=None, cmap=None):
-        if img.dim() == 3 and img.shape[0] == 3:
-            img = ((img.permute(1, 2, 0) + 1) / 2).clamp(0, 1)
-        elif img.dim() == 3:
-            img = img[0]
-        ax.imshow(img.float().numpy() if hasattr(img, "numpy") else img, cmap=cmap, interpolation="nearest")
+        if isinstance(img, torch.Tensor):  # (3, H, W) in [-1, 1] or (1, H, W)
+            img = ((img.permute(1, 2, 0) + 1) / 2).clamp(0, 1) if img.shape[0] == 3 else img[0]
+            img = img.float().numpy()
+        ax.imshow(img, cmap=cmap, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
         if title:
             ax.set_title(title, fontsize=6)
 
-    cols = max(k, len(photo["control"]) + len(combo["images"]))
-    fig, axes = plt.subplots(7, cols, figsize=(1.55 * cols, 1.7 * 7 + 0.6))
+    n_p, n_c = len(photo["control"]), len(combo["images"])
+    cols = max(k, n_p + n_c)
+    fig, axes = plt.subplots(8, cols, figsize=(1.55 * cols, 1.65 * 8 + 0.6))
     for ax in axes.flat:
         ax.axis("off")
-    rows = ["control:\nscene edges", "with control\n(scale 1)", "scale 0.5", "without control\n(same noise)"]
     for j in range(k):
         show(axes[0, j], 1 - sub.edges[j].float(), _wrap(sub.captions[j]), cmap="gray")
         show(axes[1, j], with_c[j])
         show(axes[2, j], half[j])
         show(axes[3, j], without[j])
-    for r, label in enumerate(rows):
-        axes[r, 0].axis("on")
-        axes[r, 0].set_ylabel(label, fontsize=7)
-    n_p = len(photo["control"])
+    scale_hi = max(photo["images"])
     for j, name in enumerate(PHOTOS):
         show(axes[4, j], photo["raw"][name], name, cmap="gray" if photo["raw"][name].ndim == 2 else None)
-        show(axes[5, j], 1 - photo["control"][j].float(), "Canny, 64x64", cmap="gray")
-        show(axes[6, j], photo["with"][j], _wrap(list(PHOTOS.values())[j]))
-    for j in range(len(combo["images"])):
-        show(axes[5, n_p + j], 1 - combo["controls"][j].float(), "two controls (summed)", cmap="gray")
-        show(axes[6, n_p + j], combo["images"][j], _wrap(combo["prompts"][j], 30))
-    for r, label in ((4, "photograph"), (5, "control"), (6, "with control")):
+        show(axes[5, j], 1 - photo["control"][j].float(), "its Canny map, 64x64", cmap="gray")
+        show(axes[6, j], photo["images"][1.0][j], _wrap(list(PHOTOS.values())[j]))
+        show(axes[7, j], photo["images"][scale_hi][j], f"scale {scale_hi:g}")
+    for j in range(n_c):
+        show(axes[4, n_p + j], 1 - combo["a"][j].float(), "control A", cmap="gray")
+        show(axes[5, n_p + j], 1 - combo["b"][j].float(), "control B", cmap="gray")
+        show(axes[6, n_p + j], combo["images"][j], _wrap("A + B: " + combo["prompts"][j], 30))
+        show(axes[7, n_p + j], combo["without"][j], "without control")
+    labels = ["control:\nscene edges", "with control\n(scale 1)", "scale 0.5", "without control\n(same noise)",
+              "input", "control", "with control\n(scale 1)", "stronger / none"]
+    for r, label in enumerate(labels):
         axes[r, 0].axis("on")
         axes[r, 0].set_ylabel(label, fontsize=7)
-    fig.suptitle(f"Tiny SD + edge ControlNet: held-out scenes (rows 1-4), photographs and two controls at once "
-                 f"(rows 5-7). DDIM {steps} steps, guidance {guidance:g}", fontsize=8)
-    fig.tight_layout()
+    fig.suptitle(f"Tiny SD + edge ControlNet, DDIM {steps} steps, guidance {guidance:g}. Rows 1-4: held-out scenes "
+                 f"(caption + own edges). Rows 5-8: Canny maps of photographs (left), two controls summed (right)",
+                 fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.975))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -254,7 +265,7 @@ def main(argv=None):
                         seed=args.seed)
     canny_controls = edges.canny_edges(scenes.images)
     m_canny = control_metrics(pipe, net, scenes, evaluator, num_steps=args.steps, guidance_scale=args.guidance,
-                              seed=args.seed, controls=canny_controls)
+                              seed=args.seed, controls=canny_controls, with_baseline=False)
     top = ceiling(pipe, scenes)
     w, wo, wc = m["with_control"], m["without_control"], m_canny["with_control"]
     print("## Edge adherence and prompt adherence (caption and control agree)\n")
@@ -300,12 +311,14 @@ def main(argv=None):
     photo, photo_fig = photo_controls(pipe, net, args.steps, args.guidance, args.seed)
     combo, combo_fig = combined_controls(pipe, net, args.steps, args.guidance, args.seed)
     print(f"\n## Canny maps of real photographs as controls ({', '.join(photo['photos'])})\n")
-    print("| | edge F1 vs the photo's Canny map, 1 px | 2 px |")
-    print("|---|---:|---:|")
-    print(f"| without control | {pct(photo['edge_f1_without_control'])} | {pct(photo['edge_f1_without_control_tol2'])} |")
-    print(f"| with control | {pct(photo['edge_f1_with_control'])} | {pct(photo['edge_f1_with_control_tol2'])} |")
-    print(f"\nTwo controls at once (two one-object scenes' outlines, residuals summed): edge F1 against the union "
-          f"of both outlines {pct(combo['edge_f1_vs_union'])} over {combo['n']} pairs.")
+    print("| conditioning scale | edge F1 vs the photo's Canny map, 1 px | 2 px |")
+    print("|---:|---:|---:|")
+    for r in photo["rows"]:
+        print(f"| {r['scale']:g}{' (no control)' if r['scale'] == 0 else ''} | {pct(r['edge_f1'])} | "
+              f"{pct(r['edge_f1_tol2'])} |")
+    print(f"\nTwo controls at once (two one-object scenes' outlines, residuals summed, scale 1 each): edge F1 "
+          f"against the union of both outlines {pct(combo['edge_f1_vs_union'])} over {combo['n']} pairs "
+          f"({pct(combo['edge_f1_vs_union_without_control'])} without control).\n")
 
     save_samples(pipe, net, scenes, args.steps, args.guidance, args.seed, photo_fig, combo_fig,
                  assets / "controlnet_samples.png")

@@ -65,7 +65,7 @@ def quick_training() -> ControlNetTraining:
 @torch.no_grad()
 def control_metrics(pipe, controlnet: ControlNet, heldout: data.Scenes, evaluator=None, conditioning_scale: float = 1.0,
                     num_steps: int = 20, guidance_scale: float = 5.0, seed: int = 0, batch: int = 64,
-                    controls: torch.Tensor | None = None) -> dict:
+                    controls: torch.Tensor | None = None, with_baseline: bool = True) -> dict:
     """Generate every held-out caption with its own edges as control, and without control; score both.
 
     The same starting noise for both, so the only difference is the control. Edge adherence:
@@ -73,6 +73,7 @@ def control_metrics(pipe, controlnet: ControlNet, heldout: data.Scenes, evaluato
     EDGE_TOLERANCE px), and the same with the data set's own edge definition
     (``edges.quantised_edges``). Prompt adherence: ``evaluator.prompt_adherence``.
     controls: the control images to use (default: the scenes' own edge maps).
+    with_baseline: also generate without control (the "without_control" entry).
     """
     from .evaluator import prompt_adherence
 
@@ -85,8 +86,11 @@ def control_metrics(pipe, controlnet: ControlNet, heldout: data.Scenes, evaluato
                   generator=torch.Generator().manual_seed(seed + s))
         with_c.append(generate_with_control(pipe, captions[s:s + batch], edges.to_control(control_edges[s:s + batch]),
                                             controlnet, conditioning_scale=conditioning_scale, **kw))
-        without.append(pipe.generate(captions[s:s + batch], **kw))
-    images = {"with_control": torch.cat(with_c), "without_control": torch.cat(without)}
+        if with_baseline:
+            without.append(pipe.generate(captions[s:s + batch], **kw))
+    images = {"with_control": torch.cat(with_c)}
+    if with_baseline:
+        images["without_control"] = torch.cat(without)
     out = {}
     for name, im in images.items():
         canny = edges.canny_edges(im, sigma=EDGE_SIGMA)
