@@ -1,6 +1,6 @@
 """Train the course's edge ControlNet on the frozen tiny Stable Diffusion. Lesson 6 shows the result.
 
-    python -m course_lib.controlnet_train            # into weights/ (about 10 minutes on 2 CPU cores)
+    python -m course_lib.controlnet_train            # into weights/ (about 7 minutes on one CPU thread)
     python -m course_lib.controlnet_train --quick    # a seconds-long smoke run of a tiny model, into runs/quick/
 
 It needs the trained VAE, CLIP and U-Net in the same folder (``python -m course_lib.train``).
@@ -15,6 +15,12 @@ Only the ControlNet learns; the U-Net, VAE and text encoder stay frozen, so what
 could do it still can (scale 0 gives back its images exactly). Latents, text states and edge maps
 are computed once before training, as the U-Net's training does. Some controls are Canny maps of
 the scene instead of its own edge map, so that Canny maps of photographs work as controls too.
+
+Two settings decide whether anything is learnt in a few minutes. Half the captions are dropped
+(the paper's 50%): with the caption gone, only the edges say what to draw, so the control carries
+a strong training signal. And the learning rate is 3e-3: at 1e-3, 1500 steps left edge F1 at the
+base model's level. Even so, edge F1 stays flat for the first few hundred steps and then jumps
+within ~200 steps to ~0.99 (the paper's "sudden convergence"); the card's ``edge_f1_curve`` shows it.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ class ControlNetTraining:
     n_scenes: int = 10_000  # training scenes pre-encoded once (latents, text states, edge maps)
     n_canny: int = 1_000  # of those, how many also get a Canny map (skimage's Canny costs ~10 ms a scene)
     canny_fraction: float = 0.3  # share of controls drawn from the Canny map instead of the scene's edge map
-    lr: float = 3e-3  # peak AdamW learning rate (the paper: 1e-5 for SD's copy); at 1e-3 nothing happens in 1500 steps
+    lr: float = 3e-3  # AdamW learning rate, constant after warm-up (the paper: 1e-5 for SD's copy; 1e-3 is too slow here)
     caption_dropout: float = 0.5  # captions replaced by "", as in the paper: the edges alone must then tell what to draw
     min_snr_gamma: float | None = 5.0  # Min-SNR weighting, as the U-Net was trained (None: plain MSE)
     eval_scenes: int = 64  # held-out scenes for the model card's quick edge-F1 and adherence check
