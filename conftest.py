@@ -43,14 +43,3 @@ def pytest_terminal_summary(terminalreporter):
     out.mkdir(exist_ok=True)
     (out / "notebook_times.md").write_text("\n".join(lines) + "\n")
 
-
-def pytest_collection_modifyitems(config, items):
-    """Lesson 6 needs the trained ControlNet; until weights/controlnet.safetensors ships, it is skipped, saying why."""
-    import pytest
-
-    if (Path(__file__).parent / "weights" / "controlnet.safetensors").exists():
-        return
-    skip = pytest.mark.skip(reason="weights/controlnet.safetensors is not shipped yet (issue 6)")
-    for item in items:
-        if item.nodeid.startswith("notebooks/06_controlnet.ipynb"):
-            item.add_marker(skip)

@@ -35,7 +35,7 @@ from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig, compute_scaling_factor, psnr
 from .weights import WEIGHTS_DIR, library_versions, load_clip, load_evaluator, load_vae, save_model
 
-MODELS = ("evaluator", "vae", "clip", "unet")
+MODELS = ("evaluator", "vae", "clip", "unet", "controlnet")  # in training order: each may use the ones before
 
 
 # --- Training settings: one small dataclass per model. ---------------------------------------------
@@ -565,9 +565,13 @@ def main(argv: list[str] | None = None) -> None:
         elif name == "clip":
             tc, cfg = settings(name, CLIPTraining(), CLIPConfig())
             train_clip(scenes, heldout, tc=tc, config=cfg, **common)
-        else:
+        elif name == "unet":
             tc, cfg = settings(name, UNetTraining(), None)
             train_unet(scenes, heldout, tc=tc, config=cfg, **common)
+        else:  # the ControlNet trains against the frozen U-Net just written to `out`
+            from .controlnet_train import quick_training, train_controlnet  # here: controlnet_train imports train
+
+            train_controlnet(scenes, heldout, tc=quick_training() if args.quick else None, **common)
         print(f"{name}: trained in {time.time() - t:.0f}s -> {out / name}.safetensors")
     print(f"all done in {time.time() - t0:.0f}s")
 
