@@ -20,12 +20,7 @@ from course_lib.weights import WeightsError, save_model
 TINY_UNET = UNetConfig(block_channels=(16, 16), heads=2, context_dim=32, time_embed_dim=32, norm_groups=8, ff_mult=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
