@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_sampler_adherence.py            # full grid (minutes on 2 CPU cores)
     .venv/bin/python benchmarks/bench_sampler_adherence.py --quick    # a smoke run
     .venv/bin/python benchmarks/bench_sampler_adherence.py --spacing leading   # SD 1.x's spacing
+    .venv/bin/python benchmarks/bench_sampler_adherence.py --unet unet_early   # a U-Net that needs guidance
 
 For every sampler, guidance scale and step count (1 to 50) it generates the same held-out prompts
 from the same starting noise and scores the images with the course's evaluator (prompt adherence:
@@ -30,16 +31,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from course_lib import data  # noqa: E402
-from course_lib.guidance import guided_model  # noqa: E402
 from course_lib.samplers import SAMPLERS  # noqa: E402
-from course_lib.schedules import make_timesteps  # noqa: E402
 
 STEPS = [1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50]
 SCALES = [1.0, 3.0, 5.0, 7.5]
 WITHIN = 0.02  # "within 2 points" of the 50-step adherence
 
 
-def load_or_exit(device):
+def load_or_exit(device, unet="unet"):
     """The tiny SD pipeline, its evaluator and the adherence function, or a clear exit."""
     try:
         from course_lib import tiny_sd
@@ -51,32 +50,19 @@ def load_or_exit(device):
         raise SystemExit(f"course_lib.tiny_sd lacks {missing}; this benchmark expects load_tiny_sd(), "
                          "load_evaluator() and prompt_adherence(images, captions, evaluator).")
     try:
-        pipe = tiny_sd.load_tiny_sd(device=device)
+        pipe = tiny_sd.load_tiny_sd(device=device, unet=unet)
         evaluator = tiny_sd.load_evaluator(device=device)
     except (FileNotFoundError, OSError, ValueError, KeyError) as err:
         raise SystemExit(f"the tiny SD weights could not be loaded ({type(err).__name__}: {err}). "
                          "Train them with the course's training command (see weights/ and the README).")
-    needed = ("encode_prompt", "unet", "schedule", "decode_latents", "vae")
-    missing = [name for name in needed if not hasattr(pipe, name)]
-    if missing:
-        raise SystemExit(f"the object load_tiny_sd() returned lacks {missing}; this benchmark drives its "
-                         "U-Net with the course's samplers and needs " + ", ".join(needed))
     return pipe, evaluator, tiny_sd.prompt_adherence
 
 
 @torch.no_grad()
-def generate(pipe, prompts, sampler, timesteps, scale, seed, device):
-    """Prompts -> images with a given sampler and timesteps: tiny SD's steps, the grid under our control."""
-    cond = pipe.encode_prompt(prompts)
-    uncond = pipe.encode_prompt([""] * len(prompts)) if scale != 1.0 else None
-    cfg = pipe.vae.config
-    side = 64 // cfg.downsample_factor
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn((len(prompts), cfg.latent_channels, side, side), generator=g).to(device)
-    model = guided_model(pipe.unet, cond, uncond, scale)
-    prediction_type = getattr(getattr(pipe.unet, "config", None), "prediction_type", "epsilon")
-    z = SAMPLERS[sampler](model, noise, pipe.schedule, timesteps, None, prediction_type=prediction_type, generator=g)
-    return pipe.decode_latents(z)
+def generate(pipe, prompts, sampler, num_steps, scale, spacing, seed):
+    """Prompts -> images: the same starting noise (and sampler noise) for every setting of the grid."""
+    return pipe.generate(prompts, num_steps=num_steps, guidance_scale=scale, sampler=sampler, spacing=spacing,
+                         generator=torch.Generator().manual_seed(seed))
 
 
 def steps_to_within(steps, adherence, within=WITHIN):
@@ -88,7 +74,7 @@ def steps_to_within(steps, adherence, within=WITHIN):
     return steps[-1]
 
 
-def plot(results, steps, scales, samplers, path):
+def plot(results, steps, scales, samplers, path, title="Tiny SD: prompt adherence against steps, per sampler"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,7 +93,7 @@ def plot(results, steps, scales, samplers, path):
     axes[0][0].set_ylabel("prompt adherence (%)")
     axes[0][0].set_ylim(-2, 102)
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle("Tiny SD: prompt adherence against steps, per sampler")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -118,7 +104,12 @@ def main(argv=None) -> int:
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
     p.add_argument("--steps", nargs="+", type=int, default=STEPS)
     p.add_argument("--scales", nargs="+", type=float, default=SCALES)
-    p.add_argument("--prompts", type=int, default=64, help="held-out prompts per setting")
+    p.add_argument("--prompts", type=int, default=128, help="held-out prompts per setting")
+    p.add_argument("--two-object-fraction", type=float, default=0.0,
+                   help="share of two-object prompts (default 0: the tiny model fails two-object binding at any "
+                        "step count, which would blur the step-count comparison)")
+    p.add_argument("--unet", choices=["unet", "unet_early"], default="unet",
+                   help="unet_early: the same run at 1000 of 3000 steps, which needs guidance far more")
     p.add_argument("--spacing", choices=["trailing", "leading", "linspace"], default="trailing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -138,22 +129,24 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    pipe, evaluator, adherence_fn = load_or_exit(args.device)
-    prompts = data.generate(args.prompts, seed=args.seed, split="heldout").captions
-    T = pipe.schedule.num_train_timesteps
+    if not 0.0 <= args.two_object_fraction <= 1.0:
+        raise SystemExit("--two-object-fraction must lie in [0, 1]")
+    pipe, evaluator, adherence_fn = load_or_exit(args.device, args.unet)
+    prompts = data.generate(args.prompts, seed=args.seed, split="heldout",
+                            two_object_fraction=args.two_object_fraction).captions
     results: dict = {name: {} for name in args.samplers}
     start = time.perf_counter()
     for name in args.samplers:
         for scale in args.scales:
             row = []
             for n in steps:
-                ts = make_timesteps(n, T, args.spacing, 1)
-                images = generate(pipe, prompts, name, ts, scale, args.seed, torch.device(args.device))
+                images = generate(pipe, prompts, name, n, scale, args.spacing, args.seed)
                 row.append(adherence_fn(images, prompts, evaluator)["adherence"])
             results[name][str(scale)] = row
             print(f"{name:<16} scale {scale:<4} " + " ".join(f"{100 * a:5.1f}" for a in row), flush=True)
 
-    print(f"\nadherence (%) by steps {steps}, {len(prompts)} held-out prompts, spacing {args.spacing}, "
+    print(f"\nadherence (%) by steps {steps}, {len(prompts)} held-out prompts "
+          f"({100 * args.two_object_fraction:.0f}% two-object), {args.unet}, spacing {args.spacing}, "
           f"{time.perf_counter() - start:.0f} s")
     head = f"{'sampler':<16}" + "".join(f"{'w=' + str(s):>10}" for s in args.scales)
     print(f"\nsteps to come within {100 * WITHIN:.0f} points of the sampler's own {steps[-1]}-step adherence")
@@ -167,6 +160,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "adherence.json").write_text(json.dumps(
         {"steps": steps, "scales": args.scales, "spacing": args.spacing, "prompts": len(prompts),
+         "two_object_fraction": args.two_object_fraction, "unet": args.unet,
          "adherence": results, "steps_to_within_2_points": summary}, indent=2))
     with open(out / "adherence.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -175,7 +169,8 @@ def main(argv=None) -> int:
             for s in args.scales:
                 for n, a in zip(steps, results[name][str(s)]):
                     w.writerow([name, s, n, f"{a:.4f}"])
-    plot(results, steps, args.scales, args.samplers, out / "adherence.png")
+    plot(results, steps, args.scales, args.samplers, out / "adherence.png",
+         f"Tiny SD ({args.unet}, {args.spacing} spacing, {len(prompts)} held-out prompts): adherence against steps")
     print(f"\nwrote {out / 'adherence.json'}, {out / 'adherence.csv'}, {out / 'adherence.png'}")
     return 0
 

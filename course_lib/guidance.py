@@ -23,18 +23,32 @@ import torch
 Model = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 
-def classifier_free_guidance(pred_uncond: torch.Tensor, pred_cond: torch.Tensor, scale: float) -> torch.Tensor:
+def _per_sample(scale: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """A float stays a float; a (B,) tensor of per-sample scales becomes (B, 1, ..., 1) to broadcast."""
+    if not isinstance(scale, torch.Tensor):
+        return float(scale)
+    if scale.ndim == 0:
+        return float(scale)
+    if scale.ndim != 1 or scale.shape[0] != like.shape[0]:
+        raise ValueError(f"a tensor guidance scale must have shape (B,) = ({like.shape[0]},), one scale per "
+                         f"sample, got {tuple(scale.shape)}")
+    return scale.to(like.device, like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+def classifier_free_guidance(pred_uncond: torch.Tensor, pred_cond: torch.Tensor,
+                             scale: float | torch.Tensor) -> torch.Tensor:
     """pred_uncond + scale * (pred_cond - pred_uncond): step from the unconditional prediction
     along the direction the prompt adds, `scale` times as far (Ho & Salimans 2022, eq. 6).
 
     scale 0 is the unconditional model, 1 the conditional one, > 1 extrapolates past it.
+    scale may also be a (B,) tensor, one scale per sample: a whole guidance sweep in one batch.
     """
     if pred_uncond.shape != pred_cond.shape:
         raise ValueError(
             f"pred_uncond and pred_cond must have the same shape, got {tuple(pred_uncond.shape)} "
             f"and {tuple(pred_cond.shape)}"
         )
-    return pred_uncond + scale * (pred_cond - pred_uncond)
+    return pred_uncond + _per_sample(scale, pred_cond) * (pred_cond - pred_uncond)
 
 
 def rescale_noise_cfg(guided: torch.Tensor, pred_cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
@@ -75,7 +89,7 @@ def guided_model(
     model: Model,
     cond: torch.Tensor,
     uncond: torch.Tensor | None,
-    guidance_scale: float,
+    guidance_scale: float | torch.Tensor,
     guidance_rescale: float = 0.0,
 ) -> Model:
     """Wrap `model` so that every call returns the classifier-free-guided prediction.
@@ -86,7 +100,8 @@ def guided_model(
     Each call runs ONE batched forward pass on cat([x, x]) with cat([uncond, cond]), as
     StableDiffusionPipeline does, then guides (and rescales if guidance_rescale > 0). With
     guidance_scale == 1 the guided prediction is the conditional one, so the unconditional
-    half is skipped and uncond may be None.
+    half is skipped and uncond may be None. guidance_scale may be a (B,) tensor: one scale per
+    sample (x must then have B rows).
     The returned callable has the sampler signature; its own `cond` argument must be None
     (the conditioning is bound here).
     """
@@ -94,7 +109,13 @@ def guided_model(
         raise ValueError(f"cond must be a tensor (e.g. text embeddings), got {type(cond).__name__}")
     if not 0.0 <= guidance_rescale <= 1.0:
         raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
-    skip_uncond = guidance_scale == 1.0
+    if isinstance(guidance_scale, torch.Tensor):
+        if guidance_scale.ndim > 1 or guidance_scale.numel() == 0 or not guidance_scale.is_floating_point():
+            raise ValueError("a tensor guidance_scale must be a float scalar or a 1-D (B,) float tensor, got "
+                             f"shape {tuple(guidance_scale.shape)} dtype {guidance_scale.dtype}")
+        skip_uncond = bool((guidance_scale == 1.0).all())
+    else:
+        skip_uncond = guidance_scale == 1.0
     if not skip_uncond:
         if uncond is None:
             raise ValueError("uncond (the empty or negative prompt's embedding) is needed when guidance_scale != 1")

@@ -248,7 +248,9 @@ def ddim(
         x0      = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)              predicted x0   (eq. 12)
         sigma_t = eta * sqrt((1 - a_s) / (1 - a_t)) * sqrt(1 - a_t / a_s)              (eq. 16)
         x_s     = sqrt(a_s) x0 + sqrt(1 - a_s - sigma_t^2) eps + sigma_t z             (eq. 12)
-    eta = 1 gives DDPM's posterior variance (the `ddpm` sampler on the same timesteps).
+    eta = 1 gives DDPM's posterior variance; with set_alpha_to_one=True as well (DDPM's last step
+    lands on alpha_bar = 1) it is the `ddpm` sampler on the same timesteps and noise. With SD's
+    set_alpha_to_one=False the last step stops at alpha_bar_0 instead, a hair short of clean.
     The next timestep s is the next entry of `timesteps`: diffusers' DDIMScheduler instead
     computes t - T // N, which is wrong for "linspace", and for "trailing" when N does not
     divide T (diffusers #9261); tests/test_samplers_vs_diffusers.py shows the difference.

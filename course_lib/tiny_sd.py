@@ -28,7 +28,7 @@ from .evaluator import Evaluator
 from .evaluator import prompt_adherence as _adherence
 from .guidance import guided_model
 from .samplers import SAMPLERS, sample
-from .schedules import NoiseSchedule, sd_schedule
+from .schedules import SPACINGS, NoiseSchedule, Spacing, make_timesteps, sd_schedule
 from .unet import UNet
 from .vae import VAE
 from .weights import load_clip, load_unet, load_vae
@@ -74,19 +74,22 @@ class TinySD:
         return self.vae.decode(latents / self.vae.config.scaling_factor).clamp(-1, 1)
 
     @torch.no_grad()
-    def generate(self, prompts: str | list[str], num_steps: int = 20, guidance_scale: float = DEFAULT_GUIDANCE,
+    def generate(self, prompts: str | list[str], num_steps: int = 20, guidance_scale: float | list[float] | torch.Tensor = DEFAULT_GUIDANCE,
                  negative_prompt: str | list[str] | None = None, sampler: str = "ddim",
                  generator: torch.Generator | None = None, callback: Callable | None = None,
                  return_latents: bool = False, latents: torch.Tensor | None = None, guidance_rescale: float = 0.0,
-                 **sampler_kwargs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                 spacing: Spacing | None = None, **sampler_kwargs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 3, 64, 64) in [-1, 1] for ``prompts``.
 
         guidance_scale: 1 turns guidance off (one U-Net pass per step); above 1 follows the prompt
-        more closely. negative_prompt: what guidance steers away from (default "", the
+        more closely; a list or (B,) tensor gives each prompt its own scale. negative_prompt: what guidance steers away from (default "", the
         unconditional prompt). sampler: a key of ``samplers.SAMPLERS``. generator: the source of
         the starting noise (and of the noise stochastic samplers add). latents: start from these
         (B, 4, 8, 8) instead of drawing noise. callback(i, t, x, x0_pred) runs after every step.
-        return_latents=True also returns the final scaled latents.
+        return_latents=True also returns the final scaled latents. spacing: which timesteps the
+        num_steps steps visit ("leading", "trailing" or "linspace", see ``schedules.make_timesteps``);
+        None keeps the sampler's own default, SD 1.x's "leading". With 1 or 2 steps "leading" starts
+        at t = 1 or 501 and cannot remove all the noise: use "trailing" for very few steps.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -95,7 +98,13 @@ class TinySD:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-        if guidance_scale < 1.0:
+        if spacing is not None and spacing not in SPACINGS:
+            raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS} (or None)")
+        scales = torch.as_tensor(guidance_scale, dtype=torch.float32)
+        if scales.ndim > 1 or (scales.ndim == 1 and len(scales) != len(prompts)):
+            raise ValueError(f"guidance_scale must be a number or one per prompt ({len(prompts)}), got shape "
+                             f"{tuple(scales.shape)}")
+        if (scales < 1.0).any():
             raise ValueError(f"guidance_scale must be >= 1 (1 means no guidance), got {guidance_scale}")
         b = len(prompts)
         negative = [""] * b if negative_prompt is None else (
@@ -103,7 +112,7 @@ class TinySD:
         if len(negative) != b:
             raise ValueError(f"got {b} prompts but {len(negative)} negative prompts")
         cond = self.encode_prompt(prompts)
-        uncond = self.encode_prompt(negative) if guidance_scale != 1.0 else None
+        uncond = self.encode_prompt(negative) if (scales != 1.0).any() else None
         c = self.vae.config.latent_channels
         f = self.vae.config.downsample_factor
         shape = (b, c, 64 // f, 64 // f)
@@ -113,8 +122,11 @@ class TinySD:
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         x = latents.to(self.device, self.dtype)
-        model = guided_model(self.unet, cond, uncond, guidance_scale, guidance_rescale)
-        z = sample(sampler, model, x, self.schedule, num_steps, None,
+        scale = float(scales) if scales.ndim == 0 else scales.to(self.device)
+        model = guided_model(self.unet, cond, uncond, scale, guidance_rescale)
+        steps = num_steps if spacing is None else make_timesteps(
+            num_steps, self.schedule.num_train_timesteps, spacing, steps_offset=1)
+        z = sample(sampler, model, x, self.schedule, steps, None,
                    prediction_type=self.unet.config.prediction_type, generator=generator, callback=callback,
                    **sampler_kwargs)
         images = self.decode_latents(z)

@@ -121,6 +121,24 @@ def test_guided_model_with_rescale():
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
 
 
+def test_per_sample_scales_equal_one_run_per_scale():
+    """A (B,) tensor of scales guides each row with its own scale: one batch sweeps the scale."""
+    x, t = randn(3, 4, 8, 8), torch.tensor([500, 500, 500])
+    cond, uncond = randn(3, 6, 8, seed=5), randn(3, 6, 8, seed=6)
+    scales = torch.tensor([1.0, 3.0, 7.5])
+    swept = guided_model(text_model, cond, uncond, scales)(x, t)
+    for i, w in enumerate(scales.tolist()):
+        alone = guided_model(text_model, cond[i:i + 1], uncond[i:i + 1], w)(x[i:i + 1], t[i:i + 1])
+        torch.testing.assert_close(swept[i:i + 1], alone, rtol=0, atol=1e-6)
+    rec = Recorder(text_model)
+    guided_model(rec, cond, None, torch.ones(3))(x, t)  # every scale is 1: no unconditional half
+    assert len(rec.calls) == 1 and rec.calls[0][0].shape[0] == 3
+    with pytest.raises(ValueError, match=r"shape \(B,\)"):
+        guided_model(text_model, cond, uncond, torch.tensor([1.0, 2.0]))(x, t)
+    with pytest.raises(ValueError, match="1-D"):
+        guided_model(text_model, cond, uncond, torch.ones(3, 1))
+
+
 def test_guided_model_errors():
     cond = randn(2, 6, 8)
     with pytest.raises(ValueError, match="uncond"):

@@ -50,6 +50,17 @@ def test_callback_negative_prompt_and_no_guidance(pipe):
     assert out.shape == (1, 3, 64, 64)
 
 
+def test_one_guidance_scale_per_prompt(pipe):
+    prompts = [PROMPTS[0]] * 2
+    swept = pipe.generate(prompts, num_steps=3, guidance_scale=[1.0, 5.0], generator=torch.Generator().manual_seed(3))
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(3))
+    for i, w in enumerate((1.0, 5.0)):
+        alone = pipe.generate(prompts[:1], num_steps=3, guidance_scale=w, latents=noise[i:i + 1])
+        torch.testing.assert_close(swept[i:i + 1], alone, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="one per prompt"):
+        pipe.generate(prompts, guidance_scale=[3.0, 3.0, 3.0])
+
+
 def test_bad_arguments(pipe):
     with pytest.raises(ValueError, match="sampler"):
         pipe.generate(PROMPTS, sampler="plms")
@@ -57,6 +68,25 @@ def test_bad_arguments(pipe):
         pipe.generate(PROMPTS, negative_prompt=["", "", ""])
     with pytest.raises(ValueError, match="guidance_scale"):
         pipe.generate(PROMPTS, guidance_scale=0.5)
+    with pytest.raises(ValueError, match="spacing"):
+        pipe.generate(PROMPTS, spacing="uniform")
+
+
+def test_spacing_decides_what_one_step_can_do(pipe, evaluator):
+    """SD's "leading" spacing puts a 1-step sampler at t = 1: it returns the noise almost as it was.
+    "trailing" starts at t = 999 and one DDIM step already lands on a prompt-following image."""
+    captions = data.generate(32, seed=23, split="heldout", two_object_fraction=0.0).captions
+    visited = {}
+    score = {}
+    for spacing in ("leading", "trailing"):
+        images = pipe.generate(captions, num_steps=1, spacing=spacing, generator=torch.Generator().manual_seed(0),
+                               callback=lambda i, t, x, x0, s=spacing: visited.setdefault(s, int(t)))
+        score[spacing] = prompt_adherence(images, captions, evaluator)["adherence"]
+    assert visited == {"leading": 1, "trailing": 999}
+    assert score["trailing"] >= 0.5 and score["leading"] <= 0.1, score
+    default = pipe.generate(captions[:2], num_steps=3, generator=torch.Generator().manual_seed(0))
+    leading = pipe.generate(captions[:2], num_steps=3, spacing="leading", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(default, leading)  # None keeps SD's default spacing
 
 
 def test_shipped_system_follows_prompts(pipe, evaluator):
