@@ -27,6 +27,7 @@ Results: assets/bench_controlnet.json.
 from __future__ import annotations
 
 import argparse
+import textwrap
 import json
 import os
 import sys
@@ -172,7 +173,7 @@ def save_samples(pipe, net, scenes, steps, guidance, seed, photo, combo, path):
     for ax in axes.flat:
         ax.axis("off")
     for j in range(k):
-        show(axes[0, j], 1 - sub.edges[j].float(), _wrap(sub.captions[j]), cmap="gray")
+        show(axes[0, j], 1 - sub.edges[j].float(), textwrap.fill(sub.captions[j], 22), cmap="gray")
         show(axes[1, j], with_c[j])
         show(axes[2, j], half[j])
         show(axes[3, j], without[j])
@@ -180,12 +181,12 @@ def save_samples(pipe, net, scenes, steps, guidance, seed, photo, combo, path):
     for j, name in enumerate(PHOTOS):
         show(axes[4, j], photo["raw"][name], name, cmap="gray" if photo["raw"][name].ndim == 2 else None)
         show(axes[5, j], 1 - photo["control"][j].float(), "its Canny map, 64x64", cmap="gray")
-        show(axes[6, j], photo["images"][1.0][j], _wrap(list(PHOTOS.values())[j]))
+        show(axes[6, j], photo["images"][1.0][j], textwrap.fill(list(PHOTOS.values())[j], 22))
         show(axes[7, j], photo["images"][scale_hi][j], f"scale {scale_hi:g}")
     for j in range(n_c):
         show(axes[4, n_p + j], 1 - combo["a"][j].float(), "control A", cmap="gray")
         show(axes[5, n_p + j], 1 - combo["b"][j].float(), "control B", cmap="gray")
-        show(axes[6, n_p + j], combo["images"][j], _wrap("A + B: " + combo["prompts"][j], 30))
+        show(axes[6, n_p + j], combo["images"][j], textwrap.fill("A + B: " + combo["prompts"][j], 30))
         show(axes[7, n_p + j], combo["without"][j], "without control")
     labels = ["control:\nscene edges", "with control\n(scale 1)", "scale 0.5", "without control\n(same noise)",
               "input", "control", "with control\n(scale 1)", "stronger / none"]
@@ -220,17 +221,6 @@ def save_scale_plot(rows, base, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _wrap(text, width=22):
-    words, lines, line = text.split(), [], ""
-    for w in words:
-        if len(line) + len(w) + 1 > width:
-            lines.append(line)
-            line = w
-        else:
-            line = f"{line} {w}".strip()
-    return "\n".join(lines + [line])
 
 
 def main(argv=None):

@@ -20,6 +20,7 @@ Results go to assets/bench_tiny_sd.json; ``--update-card`` also stores them in w
 from __future__ import annotations
 
 import argparse
+import textwrap
 import json
 import os
 import statistics
@@ -164,23 +165,12 @@ def save_grid(pipe, scale, steps, path, seeds=4):
             ax.set_xticks([])
             ax.set_yticks([])
             if s == 0:
-                ax.set_title(_wrap(prompt), fontsize=7)
+                ax.set_title(textwrap.fill(prompt, 24), fontsize=7)
         axes[s, 0].set_ylabel(f"seed {100 + s}", fontsize=7)
     fig.suptitle(f"Tiny SD samples: DDIM {steps} steps, guidance {scale:g} (rows: seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _wrap(text, width=24):
-    words, lines, line = text.split(), [], ""
-    for w in words:
-        if len(line) + len(w) + 1 > width:
-            lines.append(line)
-            line = w
-        else:
-            line = f"{line} {w}".strip()
-    return "\n".join(lines + [line])
 
 
 def main(argv=None):

@@ -297,6 +297,24 @@ def ddim(
 InitNoiseSigma = Literal["exact", "sigma_max"]
 
 
+def _sigma_space_coefficients(sigmas: torch.Tensor) -> tuple[list, list, list]:
+    """Per-step constants of the samplers that work on x = x_t / sqrt(a_t) = x0 + sigma eps.
+
+    c_in  = sqrt(sigma^2 + 1): the model sees x / c_in, which is x_t itself
+    c_v   = -sigma / sqrt(sigma^2 + 1), c_in2 = sigma^2 + 1: v-prediction gives x0 = c_v v + x / c_in2
+    Computed in float32, as diffusers does, then kept as Python floats for the loop.
+    """
+    c_in2 = sigmas**2 + 1
+    return (c_in2**0.5).tolist(), (-sigmas / c_in2**0.5).tolist(), c_in2.tolist()
+
+
+def _x0_in_sigma_space(out, x, sigma: float, c_v: float, c_in2: float, prediction_type: str) -> torch.Tensor:
+    """The model's x0 estimate in sigma space: x - sigma eps (epsilon) or c_v v + x / c_in2 (v)."""
+    if prediction_type == "epsilon":
+        return x - sigma * out
+    return out * c_v + x / c_in2
+
+
 def _euler_setup(x, schedule, timesteps, init_noise_sigma):
     if init_noise_sigma not in ("exact", "sigma_max"):
         raise ValueError(f"init_noise_sigma must be 'exact' or 'sigma_max', got {init_noise_sigma!r}")
@@ -341,19 +359,14 @@ def euler(
     _check_inputs(x, schedule, prediction_type)
     ts, sigmas, x = _euler_setup(x, schedule, timesteps, init_noise_sigma)
     n, B = len(ts), x.shape[0]
-    c_in = ((sigmas[:-1] ** 2 + 1) ** 0.5).tolist()  # (n,)
-    c_v = (-sigmas[:-1] / (sigmas[:-1] ** 2 + 1) ** 0.5).tolist()  # v-prediction: x0 = c_v v + x / c_in^2
-    c_in2 = (sigmas[:-1] ** 2 + 1).tolist()
+    c_in, c_v, c_in2 = _sigma_space_coefficients(sigmas[:-1])
     dt = (sigmas[1:] - sigmas[:-1]).tolist()
     sig = sigmas.tolist()
 
     t_list, t_model = ts.tolist(), ts.to(x.device)
     for i in range(n):
         out = _call_model(model, x / c_in[i], t_model[i].expand(B), cond, x)
-        if prediction_type == "epsilon":
-            x0 = x - sig[i] * out
-        else:
-            x0 = out * c_v[i] + x / c_in2[i]
+        x0 = _x0_in_sigma_space(out, x, sig[i], c_v[i], c_in2[i], prediction_type)
         d = (x - x0) / sig[i]
         x = x + d * dt[i]
         if callback is not None:
@@ -390,19 +403,14 @@ def euler_ancestral(
     s, s_next = sigmas[:-1], sigmas[1:]
     sigma_up = (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5  # (n,)
     sigma_down = (s_next**2 - sigma_up**2) ** 0.5  # (n,)
-    c_in = ((s**2 + 1) ** 0.5).tolist()
-    c_v = (-s / (s**2 + 1) ** 0.5).tolist()
-    c_in2 = (s**2 + 1).tolist()
+    c_in, c_v, c_in2 = _sigma_space_coefficients(s)
     dt = (sigma_down - s).tolist()
     sig, sigma_up = s.tolist(), sigma_up.tolist()
 
     t_list, t_model = ts.tolist(), ts.to(x.device)
     for i in range(n):
         out = _call_model(model, x / c_in[i], t_model[i].expand(B), cond, x)
-        if prediction_type == "epsilon":
-            x0 = x - sig[i] * out
-        else:
-            x0 = out * c_v[i] + x / c_in2[i]
+        x0 = _x0_in_sigma_space(out, x, sig[i], c_v[i], c_in2[i], prediction_type)
         d = (x - x0) / sig[i]
         x = x + d * dt[i]
         if sigma_up[i] > 0:  # zero on the last step (sigma_next = 0): no noise to add
