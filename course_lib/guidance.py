@@ -24,11 +24,14 @@ Model = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 
 def _per_sample(scale: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
-    """A float stays a float; a (B,) tensor of per-sample scales becomes (B, 1, ..., 1) to broadcast."""
+    """A float stays a float; a (B,) tensor of per-sample scales becomes (B, 1, ..., 1) to broadcast
+    (a tensor already of that shape passes through)."""
     if not isinstance(scale, torch.Tensor):
         return float(scale)
     if scale.ndim == 0:
         return float(scale)
+    if scale.ndim == like.ndim and scale.shape[0] in (1, like.shape[0]):
+        return scale.to(like.device, like.dtype)  # already shaped to broadcast, e.g. (B, 1, 1, 1)
     if scale.ndim != 1 or scale.shape[0] != like.shape[0]:
         raise ValueError(f"a tensor guidance scale must have shape (B,) = ({like.shape[0]},), one scale per "
                          f"sample, got {tuple(scale.shape)}")

@@ -25,7 +25,7 @@ Model = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 def per_sample_guided_model(model: Model, cond: torch.Tensor, uncond: torch.Tensor, scales: torch.Tensor,
                             guidance_rescale: float = 0.0) -> Model:
-    """Like ``guidance.guided_model``, but with one guidance scale per sample: scales (B,).
+    """``guidance.guided_model`` with one guidance scale per sample, scales (B,), checked here.
 
     Still ONE batched forward pass per call, on cat([x, x]) with cat([uncond, cond]); the
     per-sample scale is broadcast as (B, 1, 1, 1). This is how a whole scale sweep runs as a
@@ -35,17 +35,7 @@ def per_sample_guided_model(model: Model, cond: torch.Tensor, uncond: torch.Tens
     if scales.ndim != 1 or cond.shape[0] != scales.shape[0] or uncond.shape != cond.shape:
         raise ValueError(f"need cond and uncond of the same shape (B, L, D) and scales (B,), got "
                          f"{tuple(cond.shape)}, {tuple(uncond.shape)}, {tuple(scales.shape)}")
-
-    def guided(x: torch.Tensor, t: torch.Tensor, unused_cond: Any = None) -> torch.Tensor:
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]))  # (2B, ...)
-        eps_u, eps_c = out.chunk(2)  # (B, ...) each
-        w = scales.to(x.device, x.dtype).view(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
-        pred = classifier_free_guidance(eps_u, eps_c, w)
-        if guidance_rescale > 0:
-            pred = rescale_noise_cfg(pred, eps_c, guidance_rescale)
-        return pred
-
-    return guided
+    return guided_model(model, cond, uncond, scales, guidance_rescale)
 
 
 @torch.no_grad()
