@@ -9,7 +9,7 @@ import torch
 from course_lib import data, edges
 from course_lib.clip import CLIP, CLIPConfig, Tokenizer
 from course_lib.controlnet import (Control, ControlledUNet, ControlNet, MultiControlNet, generate_with_control,
-                                   load_controlnet)
+                                   load_controlnet, sum_residuals)
 from course_lib.guidance import classifier_free_guidance, guided_model
 from course_lib.schedules import sd_schedule
 from course_lib.tiny_sd import TinySD
@@ -240,3 +240,47 @@ def test_shipped_controlnet_follows_edges_on_a_held_out_sample(shipped):
     w, wo = m["with_control"], m["without_control"]
     assert w["edge_f1_canny"] >= 0.7 and w["edge_f1_canny"] > wo["edge_f1_canny"] + 0.2, m
     assert w["prompt_adherence"] >= wo["prompt_adherence"] - 0.05, m
+
+
+# --- lesson 6's "check yourself" cell -----------------------------------------------------------------
+
+def test_lesson6_references_agree_with_the_library():
+    from course_lib.checks import lesson06
+
+    # the window rule is Control.active_at's, for every step of several windows
+    net = ControlNet.__new__(ControlNet)  # active_at needs no weights
+    for n, start, end in ((20, 0.0, 1.0), (10, 0.3, 0.8), (7, 0.25, 1.0), (3, 0.0, 0.34)):
+        control = Control(net, torch.zeros(1, 1, 64, 64), start=start, end=end)
+        assert lesson06.active_steps(n, start, end) == [control.active_at(i, n) for i in range(n)]
+    # combining is sum_residuals over scaled residuals
+    gen = torch.Generator().manual_seed(0)
+    res = [([torch.randn(s, generator=gen) for s in lesson06.SKIP_SHAPES], torch.randn(lesson06.MID_SHAPE, generator=gen))
+           for _ in range(3)]
+    scales = [0.5, 1.0, 1.5]
+    down, mid = lesson06.combine_controls(res, scales)
+    want_down, want_mid = sum_residuals([([s * d for d in ds], s * m) for (ds, m), s in zip(res, scales)])
+    for g, w in zip(down, want_down):
+        torch.testing.assert_close(g.float(), w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mid.float(), want_mid, rtol=1e-5, atol=1e-5)
+
+
+def test_lesson6_checker_passes_the_reference_and_explains_mistakes():
+    from course_lib.checking import ExerciseIncomplete
+    from course_lib.checks import lesson06
+
+    result = lesson06.check_yourself(lesson06.combine_controls, lesson06.active_steps)
+    assert result.passed and result.score == result.max_score
+
+    def unscaled(residuals, scales):  # forgets the scales
+        return lesson06.combine_controls(residuals, [1.0] * len(scales))
+
+    def inclusive_end(n, start, end):  # i / n <= end instead of (i + 1) / n <= end
+        return [i / n >= start and i / n <= end for i in range(n)]
+
+    with pytest.raises(ExerciseIncomplete) as err:
+        lesson06.check_yourself(unscaled, inclusive_end)
+    checks = err.value.result.checks
+    assert not any(c.passed for c in checks), [(c.name, c.passed) for c in checks]
+    with pytest.raises(ExerciseIncomplete) as err:
+        lesson06.check_yourself(lesson06.combine_controls, inclusive_end)
+    assert [c.passed for c in err.value.result.checks] == [True, True, False]
