@@ -9,7 +9,8 @@ For every sampler, guidance scale and step count (1 to 50) it generates the same
 from the same starting noise and scores the images with the course's evaluator (prompt adherence:
 the fraction of images whose every captioned attribute is confirmed). It then reports, per sampler
 and scale, the fewest steps from which adherence stays within 2 points of that sampler's own 50-step
-adherence. Output: a table on stdout, and adherence.json, adherence.csv, adherence.png in --out.
+adherence. Output: a table on stdout, and adherence.json, adherence.csv, adherence.png in --out
+(assets/bench_sampler_adherence/ by default, the figures the README quotes).
 
 It needs `course_lib.tiny_sd` (load_tiny_sd, load_evaluator, prompt_adherence) and the shipped weights;
 without them it exits with a message saying so. The default spacing is "trailing", which starts at the
@@ -28,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from course_lib import data  # noqa: E402
 from course_lib.samplers import SAMPLERS  # noqa: E402
@@ -115,7 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 by default: on a busy 2-core machine more threads wait on each other")
-    p.add_argument("--out", default="artifacts/bench_sampler_adherence")
+    p.add_argument("--out", default=None, help="output folder (default: assets/bench_sampler_adherence[_early], "
+                   "the README's figures; artifacts/bench_sampler_adherence with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 16 prompts, steps 1 5 20 50, scales 1 and 5 (unless given)")
     args = p.parse_args(argv)
@@ -123,6 +126,9 @@ def main(argv=None) -> int:
         args.prompts = 16 if args.prompts == p.get_default("prompts") else args.prompts
         args.steps = [1, 5, 20, 50] if args.steps == p.get_default("steps") else args.steps
         args.scales = [1.0, 5.0] if args.scales == p.get_default("scales") else args.scales
+    if args.out is None:
+        args.out = ROOT / ("artifacts/bench_sampler_adherence" if args.quick else
+                           "assets/bench_sampler_adherence" + ("_early" if args.unet == "unet_early" else ""))
     steps = sorted(set(args.steps))
     if steps[0] < 1 or steps[-1] > 1000:
         raise SystemExit("--steps must lie between 1 and 1000")
