@@ -169,8 +169,9 @@ def test_a_withdrawn_model_id_skips_with_a_message(monkeypatch, capsys):
 def test_hub_reachable_gives_up_quickly(monkeypatch):
     import time
 
-    def slow(*args, **kwargs):
+    def slow(*args, **kwargs):  # a DNS lookup that hangs, then times out as a real one would
         time.sleep(5)
+        raise TimeoutError("timed out")
 
     monkeypatch.setattr(P.socket, "create_connection", slow)
     start = time.perf_counter()
