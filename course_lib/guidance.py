@@ -128,6 +128,8 @@ def guided_model(
                 f"{uncond.dtype} vs {tuple(cond.shape)} {cond.dtype}"
             )
 
+    both: dict[int, torch.Tensor] = {}
+
     def guided(x: torch.Tensor, t: torch.Tensor, unused_cond: Any = None) -> torch.Tensor:
         if unused_cond is not None:
             raise ValueError("this guided model already holds its conditioning; call the sampler with cond=None")
@@ -135,8 +137,9 @@ def guided_model(
         c = _batch_to(cond, B, "cond")
         if skip_uncond:
             return model(x, t, c)
-        u = _batch_to(uncond, B, "uncond")
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([u, c]))  # (2B, ...)
+        if B not in both:  # cat([uncond, cond]) once per batch size, not at every step
+            both[B] = torch.cat([_batch_to(uncond, B, "uncond"), c])  # (2B, L, D)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), both[B])  # (2B, ...)
         pred_uncond, pred_cond = out.chunk(2)  # (B, ...) each
         pred = classifier_free_guidance(pred_uncond, pred_cond, guidance_scale)
         if guidance_rescale > 0:
