@@ -84,8 +84,9 @@ def plot(results, steps, scales, samplers, path, title="Tiny SD: prompt adherenc
 
     fig, axes = plt.subplots(1, len(scales), figsize=(4 * len(scales), 3.4), sharey=True, squeeze=False)
     for ax, scale in zip(axes[0], scales):
-        for name in samplers:
-            ax.plot(steps, [100 * a for a in results[name][str(scale)]], marker="o", ms=3, label=name)
+        for k, name in enumerate(samplers):  # DDPM = Euler ancestral and DDIM ~ Euler overlap: dashes show both
+            ax.plot(steps, [100 * a for a in results[name][str(scale)]], marker="os^vD"[k % 5], ms=3.5,
+                    ls="-" if k % 2 == 0 else "--", lw=2.2 - 0.3 * k, label=name)
         ax.set_xscale("log")
         ax.set_xticks(steps, [str(n) for n in steps], fontsize=7)
         ax.minorticks_off()
