@@ -38,7 +38,7 @@ from . import data, edges
 from .clip import CLIP, Tokenizer
 from .controlnet import ControlNet, ControlNetConfig, generate_with_control
 from .schedules import add_noise, sd_schedule
-from .train import DataSettings, LossLog, batches, encode_captions, encode_scenes, lr_at
+from .train import DataSettings, LossLog, batches, encode_captions, encode_scenes, lr_at, optimiser_step
 from .unet import UNet
 from .vae import VAE
 from .weights import WEIGHTS_DIR, library_versions, load_clip, load_evaluator, load_unet, load_vae, read_card, save_model
@@ -190,12 +190,8 @@ def train_controlnet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSe
                 s_t = snr[t]
                 per_sample = per_sample * s_t.clamp(max=tc.min_snr_gamma) / s_t
             loss = per_sample.mean()
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, tc.steps, tc.lr, cosine=False)  # constant after warm-up, as for the U-Net
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
+            # the learning rate is constant after warm-up, as for the U-Net
+            optimiser_step(opt, loss, lr_at(step, tc.steps, tc.lr, cosine=False), net.parameters())
             log.add(loss.item())
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)

@@ -23,6 +23,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -107,6 +108,18 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 100, cosine: bool = 
     return peak * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def optimiser_step(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float,
+                   clip_params: Iterable[torch.nn.Parameter] | None = None) -> None:
+    """One optimiser step at learning rate ``lr``; with ``clip_params``, their gradient norm is clipped to 1 first."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    opt.step()
+
+
 class LossLog:
     """Keeps every loss value; summarises them for the model card (first/last 5% means, min, 50-point curve)."""
 
@@ -178,11 +191,7 @@ def train_evaluator(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSet
             # Robustness to what generators produce: softened edges and a little Gaussian noise.
             x = x + torch.randn(x.shape, generator=g) * torch.rand(x.shape[0], 1, 1, 1, generator=g) * tc.noise_std
             loss = loss_fn(model(x.to(device)), {k: v[idx].to(device) for k, v in tgt.items()})
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, tc.steps, tc.lr)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            optimiser_step(opt, loss, lr_at(step, tc.steps, tc.lr))
             log.add(loss.item())
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
@@ -261,12 +270,7 @@ def train_vae(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings 
             recon, posterior = model(x, gd)
             rec = (recon - x).abs().mean() + (recon - x).pow(2).mean()
             loss = rec + tc.kl_weight * posterior.kl().mean()
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, tc.steps, tc.lr)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            optimiser_step(opt, loss, lr_at(step, tc.steps, tc.lr), model.parameters())
             log.add(loss.item())
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
@@ -365,11 +369,7 @@ def train_clip(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings
             batch_ids = batch_ids[:, : int((batch_ids != tok.pad_id).sum(1).max())]
             logits = model(data.to_float(scenes.images[idx]).to(device), batch_ids.to(device))
             loss = contrastive_loss(logits)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, tc.steps, tc.lr)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            optimiser_step(opt, loss, lr_at(step, tc.steps, tc.lr))
             log.add(loss.item())
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}", T=f"{1 / model.logit_scale.exp().item():.3f}", refresh=False)
@@ -458,12 +458,7 @@ def train_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings
                 s_t = snr.to(device)[t]
                 per_sample = per_sample * s_t.clamp(max=tc.min_snr_gamma) / s_t
             loss = per_sample.mean()
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, tc.steps, tc.lr, cosine=False)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            optimiser_step(opt, loss, lr_at(step, tc.steps, tc.lr, cosine=False), model.parameters())
             with torch.no_grad():  # EMA, with a warm-up so early steps are not dominated by the random init
                 d = min(tc.ema_decay, (1 + step) / (10 + step))
                 for pe, pm in zip(ema.parameters(), model.parameters()):
