@@ -1,28 +1,23 @@
 """The course's samplers and guidance, driving a real diffusers UNet2DConditionModel, give the same latents
 as StableDiffusionPipeline's own loop with the matching scheduler.
 
-The pipeline is built from tiny random components, as diffusers' own fast tests build theirs (a UNet,
-an AutoencoderKL, a CLIPTextModel, and a CLIPTokenizer read from a tiny vocabulary written to a temporary
-folder), and runs with output_type="latent". Nothing is downloaded.
+The pipeline is built from tiny random components by ``course_lib.pipeline.build_tiny_pipeline``, as
+diffusers' own fast tests build theirs (a UNet, an AutoencoderKL, a CLIPTextModel, and a CLIPTokenizer read
+from a tiny vocabulary written to a temporary folder), and runs with output_type="latent". Nothing is downloaded.
 """
-
-import json
 
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from course_lib.guidance import guided_model
+from course_lib.pipeline import TinyPipelineConfig, build_tiny_pipeline
 from course_lib.samplers import SAMPLERS, unet_model
 from course_lib.schedules import NoiseSchedule, make_timesteps, rescale_zero_terminal_snr, scaled_linear_betas, sd_schedule
 
@@ -32,40 +27,14 @@ SD_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_s
 MAX_LEN = 24  # the tokenizer's model_max_length (SD: 77)
 
 
-def tiny_tokenizer(folder):
-    """A CLIP BPE tokenizer over single letters (no merges), read from vocab.json + merges.txt."""
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for tok in list(letters) + [c + "</w>" for c in letters]:
-        vocab[tok] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=MAX_LEN)
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    torch.manual_seed(0)  # the random weights
-    tokenizer = tiny_tokenizer(tmp_path_factory.mktemp("tiny_clip_vocab"))
-    unet = UNet2DConditionModel(
-        block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16, norm_num_groups=2, attention_head_dim=2,
-    )
-    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer.get_vocab()), hidden_size=16, intermediate_size=32, num_attention_heads=2,
-        num_hidden_layers=2, max_position_embeddings=MAX_LEN, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler.from_config(SD_CONFIG), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def pipe():
+    return build_tiny_pipeline(TinyPipelineConfig(max_length=MAX_LEN, text_width=16, unet_channels=(4, 8),
+                                                  vae_channels=(4, 8), latent_size=8),
+                               scheduler=DDIMScheduler.from_config(SD_CONFIG))
 
 
 @torch.no_grad()
