@@ -72,9 +72,37 @@ def test_check_sync_fails_on_a_stale_copy_and_generate_fixes_it(tmp_path):
     assert stale.returncode == 1 and "out of date: " in stale.stdout and "03_clip_exercises" in stale.stdout
     assert "99_orphan" in stale.stdout
     (ex / "99_orphan.ipynb").unlink()
-    assert [p.name for p in notebooks.generate(sol, ex, write=True).written] == ["03_clip_exercises.ipynb"]
+    written = notebooks.generate(sol, ex, write=True)
+    assert [p.name for p in written.written] == ["03_clip_exercises.ipynb"]
+    assert written.backups == []  # nobody had touched that copy: nothing to keep
     report = notebooks.generate(sol, ex, write=False)
     assert not report.stale and not report.missing and not report.orphans
+
+
+def test_generate_keeps_a_copy_of_a_learners_answers(tmp_path):
+    """Regenerating exercises/ (after a course update, say) never loses work done in it."""
+    sol, ex = tmp_path / "solutions", tmp_path / "exercises"
+    shutil.copytree(ROOT / "solutions", sol)
+    shutil.copytree(ROOT / "exercises", ex)
+    name = "01_vae_exercises.ipynb"
+    mine = nbformat.read(ex / name, as_version=4)
+    code = next(c for c in mine.cells if c.cell_type == "code" and "write your code here" in c.source)
+    code.source = code.source.replace("raise NotImplementedError", "return 42  # my answer", 1)
+    assert "my answer" in code.source
+    nbformat.write(mine, ex / name)
+    assert notebooks.holds_learner_work(ex / name)
+    assert not notebooks.holds_learner_work(ex / "02_cross_attention_exercises.ipynb")
+
+    cmd = [sys.executable, "-m", "course_lib.grading", "generate", "--solutions", str(sol), "--exercises", str(ex)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    backups = sorted((ex / notebooks.BACKUPS).glob("*.ipynb"))
+    assert [b.name.startswith("01_vae_exercises-") for b in backups] == [True]
+    assert "kept your edited copy as" in out.stdout and backups[0].name in out.stdout
+    assert "my answer" in backups[0].read_text()  # the learner's work, whole
+    assert "my answer" not in (ex / name).read_text()  # the fresh student version
+    again = notebooks.generate(sol, ex, write=True)
+    assert again.written == [] and again.backups == [] and not again.orphans  # backups/ is not an exercise
 
 
 @pytest.mark.slow

@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate":
         report = notebooks.generate(args.solutions, args.exercises, write=True)
+        for p in report.backups:
+            print(f"kept your edited copy as {p}")
         for p in report.written:
             print(f"wrote {p}")
         for p in report.orphans:

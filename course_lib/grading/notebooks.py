@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import re
-from dataclasses import dataclass
+import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
@@ -105,11 +108,34 @@ def student_version(nb: nbformat.NotebookNode, source_name: str) -> nbformat.Not
             cell.source = strip_solutions(cell.source, where)
             cell.outputs = []
             cell.execution_count = None
+    out.metadata["course"]["cells_sha256"] = cells_digest(out)
     return out
+
+
+def cells_digest(nb: nbformat.NotebookNode) -> str:
+    """A fingerprint of what a learner can change: every cell's type, source and outputs.
+
+    ``student_version`` stores it in the notebook's metadata; a file whose cells no longer match
+    its stored fingerprint holds someone's work, and ``generate`` backs it up before replacing it."""
+    cells = [[c.cell_type, c.source, c.get("outputs", [])] for c in nb.cells]
+    return hashlib.sha256(json.dumps(cells, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def holds_learner_work(path: Path) -> bool:
+    """True when the notebook at ``path`` was edited or run since it was generated (or cannot be read)."""
+    try:
+        nb = nbformat.read(path, as_version=4)
+    except Exception:  # unreadable: keep a copy rather than guess
+        return True
+    recorded = nb.metadata.get("course", {}).get("cells_sha256")
+    return recorded != cells_digest(nb)
 
 
 def render(nb: nbformat.NotebookNode) -> str:
     return nbformat.writes(nb) + "\n"
+
+
+BACKUPS = "backups"  # exercises/backups/: edited notebooks are copied here before generate replaces them
 
 
 @dataclass
@@ -118,6 +144,7 @@ class SyncReport:
     stale: list[Path]  # exercises/ files that differ from what generate would write
     missing: list[Path]
     orphans: list[Path]  # exercises/ notebooks without a solution notebook
+    backups: list[Path] = field(default_factory=list)  # copies of edited exercises/ files made before replacing them
 
 
 def generate(solutions: Path = SOLUTIONS, exercises: Path = EXERCISES, write: bool = True) -> SyncReport:
@@ -137,6 +164,11 @@ def generate(solutions: Path = SOLUTIONS, exercises: Path = EXERCISES, write: bo
         else:
             continue
         if write:
+            if dst.exists() and holds_learner_work(dst):  # never lose a learner's answers
+                (exercises / BACKUPS).mkdir(exist_ok=True)
+                backup = exercises / BACKUPS / f"{dst.stem}-{time.strftime('%Y%m%d-%H%M%S')}{dst.suffix}"
+                shutil.copy2(dst, backup)
+                report.backups.append(backup)
             dst.write_text(text)
             report.written.append(dst)
     names = {s.name for s in sources}
