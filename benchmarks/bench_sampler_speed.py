@@ -33,6 +33,7 @@ from diffusers import (  # noqa: E402
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
 )
 
 from course_lib.guidance import guided_model  # noqa: E402
@@ -53,6 +54,8 @@ PAIRS = {
                         {"init_noise_sigma": "sigma_max"}),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2},
                  lambda n: make_timesteps(n, spacing="linspace", count_final_step=True), {}),
+    "heun": (HeunDiscreteScheduler, {}, lambda n: make_timesteps(n, spacing="linspace", integer=False),
+             {"init_noise_sigma": "sigma_max"}),
 }
 
 
@@ -120,7 +123,8 @@ def diffusers_loop(scheduler_cls, config, num_steps, noise, model, texts, scale,
         if texts is not None:
             out_uncond, out_text = out.chunk(2)
             out = out_uncond + scale * (out_text - out_uncond)
-        latents = scheduler.step(out, t, latents, generator=generator).prev_sample
+        extra = {} if scheduler_cls is HeunDiscreteScheduler else {"generator": generator}  # Heun takes none
+        latents = scheduler.step(out, t, latents, **extra).prev_sample
     return latents
 
 

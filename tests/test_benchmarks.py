@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from course_lib.samplers import SAMPLERS
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
@@ -46,9 +48,8 @@ def test_sampler_adherence_rejects_bad_steps(tmp_path):
 
 def test_sampler_speed():
     out = run("bench_sampler_speed.py", "--steps", 2, "--repeats", 1, "--batch", 1, "--size", 8)
-    rows = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in
-            ("ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m")]
-    assert {r[0] for r in rows} == {"ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m"}
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in SAMPLERS]
+    assert {r[0] for r in rows} == set(SAMPLERS)
     assert all(float(r[-1]) <= 1e-5 for r in rows), rows  # the course's loop and diffusers' agree
 
 

@@ -14,6 +14,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
 )
 
 from course_lib.guidance import guided_model
@@ -56,6 +57,8 @@ CASES = {
                         lambda n: make_timesteps(n, spacing="linspace", integer=False), {"init_noise_sigma": "sigma_max"}),
     "dpmpp_2m": ("dpmpp_2m", DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2},
                  lambda n: make_timesteps(n, spacing="linspace", count_final_step=True), {}),
+    "heun": ("heun", HeunDiscreteScheduler, {}, lambda n: make_timesteps(n, spacing="linspace", integer=False),
+             {"init_noise_sigma": "sigma_max"}),
     # Lin et al. 2023's recipe: zero-terminal-SNR betas, v-prediction, trailing timesteps
     "ddim_v_zsnr_trailing": ("ddim", DDIMScheduler, dict(prediction_type="v_prediction", timestep_spacing="trailing",
                                                          rescale_betas_zero_snr=True),

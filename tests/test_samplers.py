@@ -1,5 +1,7 @@
 """Unit tests of course_lib.samplers: the shared signature, errors, devices, and what the math promises."""
 
+import math
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from course_lib.samplers import (
     euler_ancestral,
     gaussian_data_model,
     gaussian_data_ode_solution,
+    heun,
     sample,
     sigmas_at,
 )
@@ -118,6 +121,25 @@ def test_ode_samplers_converge_and_higher_order_wins():
         assert all(b < a for a, b in zip(errors, errors[1:])), (fn.__name__, errors)
     assert err(dpmpp_2m, 20) < 0.2 * err(euler, 20)
     assert err(dpmpp_2m, 20) < err(euler, 50)
+
+
+def test_heun_is_second_order_when_its_last_step_is_short():
+    """Heun's correction makes the error fall about 4x per doubling of steps (order 2), as long as the
+    final Euler jump to sigma = 0 is short: "linspace" ends at t = 0 (sigma 0.03); "trailing" ends at
+    t = T/N - 1, and that long first-order jump then dominates."""
+    x = noise(shape=(64, 256))
+    exact = gaussian_data_ode_solution(x, SCHED.alphas_cumprod[999].item(), 1.0)
+    model = gaussian_data_model(SCHED, 1.0)
+
+    def err(fn, n, spacing):
+        ts = make_timesteps(n, spacing=spacing, integer=False)
+        return (fn(model, x, SCHED, ts) - exact).pow(2).mean().sqrt().item()
+
+    order = lambda fn, spacing: math.log2(err(fn, 10, spacing) / err(fn, 20, spacing))  # noqa: E731
+    assert order(heun, "linspace") > 1.8
+    assert 0.7 < order(euler, "linspace") < 1.3
+    assert order(heun, "trailing") < 1.3
+    assert err(heun, 20, "linspace") < 0.2 * err(euler, 40, "linspace")  # 39 model calls against 40
 
 
 def test_integer_and_float_timesteps_for_euler():

@@ -15,9 +15,10 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
 )
 
-from course_lib.samplers import ddim, ddpm, dpmpp_2m, euler, euler_ancestral
+from course_lib.samplers import ddim, ddpm, dpmpp_2m, euler, euler_ancestral, heun
 from course_lib.schedules import (
     NoiseSchedule,
     make_timesteps,
@@ -66,11 +67,12 @@ def noise(seed=0, shape=(2, 4, 8, 8)):
 def diffusers_loop(scheduler, num_steps, x, model, seed=None, **step_kwargs):
     """The denoising loop of StableDiffusionPipeline, without guidance."""
     scheduler.set_timesteps(num_steps)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    if seed is not None:  # stochastic schedulers only (HeunDiscreteScheduler.step takes no generator)
+        step_kwargs = {**step_kwargs, "generator": torch.Generator().manual_seed(seed)}
     x = x * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         out = model(scheduler.scale_model_input(x, t), t.expand(x.shape[0]), None)
-        x = scheduler.step(out, t, x, generator=generator, **step_kwargs).prev_sample
+        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
     return x
 
 
@@ -160,6 +162,20 @@ def test_euler_ancestral(num_steps, prediction_type, spacing):
     assert max_diff(ours, ref) <= TOL
 
 
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("num_steps", STEPS)
+def test_heun(num_steps, prediction_type, spacing):
+    config = dict(SD_CONFIG, prediction_type=prediction_type, timestep_spacing=spacing)
+    calls = []
+    counted = lambda x, t, cond=None: calls.append(1) or MODEL(x, t, cond)  # noqa: E731
+    ref = diffusers_loop(HeunDiscreteScheduler.from_config(config), num_steps, noise(), MODEL)
+    ts, init = _euler_args(spacing, num_steps)
+    ours = heun(counted, noise(), SCHED, ts, prediction_type=prediction_type, init_noise_sigma=init)
+    assert max_diff(ours, ref) <= TOL
+    assert len(calls) == 2 * num_steps - 1  # two model calls per step, one on the last
+
+
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])  # linspace: SD's, via from_config
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)
 @pytest.mark.parametrize("num_steps", STEPS)
@@ -172,7 +188,7 @@ def test_dpmpp_2m(num_steps, prediction_type, spacing):
     assert max_diff(ours, ref) <= TOL
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m"])
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "heun"])
 @pytest.mark.parametrize("num_steps", [1, 20])
 def test_zero_terminal_snr_v_prediction_trailing(name, num_steps):
     """Lin et al. 2023's recipe: zero-terminal-SNR betas, v-prediction, trailing timesteps."""
@@ -193,6 +209,14 @@ def test_zero_terminal_snr_v_prediction_trailing(name, num_steps):
         ref = diffusers_loop(EulerAncestralDiscreteScheduler.from_config(config), num_steps, noise(), model, seed=5)
         ours = euler_ancestral(model, noise(), ZSNR, ts, prediction_type="v_prediction", init_noise_sigma="sigma_max",
                                generator=g)
+    elif name == "heun":
+        # HeunDiscreteScheduler has no rescale_betas_zero_snr option: give it the rescaled betas, and the
+        # 2^-24 stand-in for alpha_bar = 0 that diffusers' Euler schedulers use
+        heun_config = {k: v for k, v in config.items() if k != "rescale_betas_zero_snr"}
+        scheduler = HeunDiscreteScheduler.from_config({**heun_config, "trained_betas": ZSNR.betas.tolist()})
+        scheduler.alphas_cumprod[-1] = 2**-24
+        ref = diffusers_loop(scheduler, num_steps, noise(), model)
+        ours = heun(model, noise(), ZSNR, ts, prediction_type="v_prediction", init_noise_sigma="sigma_max")
     else:
         ref = diffusers_loop(DPMSolverMultistepScheduler.from_config(config), num_steps, noise(), model)
         ours = dpmpp_2m(model, noise(), ZSNR, ts, prediction_type="v_prediction")
