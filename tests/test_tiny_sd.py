@@ -35,7 +35,7 @@ def test_same_generator_same_images(pipe):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_ancestral", "dpmpp_2m", "ddpm"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_ancestral", "dpmpp_2m", "ddpm", "heun"])
 def test_every_sampler_runs(pipe, sampler):
     out = pipe.generate(PROMPTS[:1], num_steps=2, sampler=sampler, generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
