@@ -37,8 +37,8 @@ import torch
 from . import data, edges
 from .clip import CLIP, Tokenizer
 from .controlnet import ControlNet, ControlNetConfig, generate_with_control
-from .schedules import add_noise, sd_schedule
-from .train import DataSettings, LossLog, batches, encode_captions, encode_scenes, lr_at, optimiser_step
+from .schedules import sd_schedule
+from .train import DataSettings, EncodedScenes, LossLog, batches, lr_at, min_snr_loss, optimiser_step
 from .unet import UNet
 from .vae import VAE
 from .weights import WEIGHTS_DIR, library_versions, load_clip, load_evaluator, load_unet, load_vae, read_card, save_model
@@ -151,13 +151,11 @@ def train_controlnet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSe
 
     # Everything the loop needs, computed once.
     n = min(len(scenes), tc.n_scenes)
-    mean, std = encode_scenes(vae, scenes.images[:n], device)  # (N, 4, 8, 8) each
-    states, caption_index, empty = encode_captions(clip, scenes.captions[:n], device)
+    encoded = EncodedScenes.encode(vae, clip, scenes, n, device)
     scene_edges = scenes.edges[:n]  # (N, 1, 64, 64) bool
     n_canny = min(n, tc.n_canny)
     canny = edges.canny_edges(scenes.images[:n_canny]) if n_canny else scene_edges[:0]  # (n_canny, 1, 64, 64)
     prep_s = time.time() - started
-    scale = vae.config.scaling_factor
     schedule = sd_schedule()
     snr = (schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)).to(device)  # (T,)
 
@@ -175,21 +173,10 @@ def train_controlnet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSe
                 use = (idx < n_canny) & (torch.rand(idx.shape[0], generator=gi) < tc.canny_fraction)
                 ctrl = torch.where(use[:, None, None, None], canny[idx.clamp(max=n_canny - 1)], ctrl)
             ctrl = edges.to_control(ctrl).to(device)
-            idx = idx.to(device)
-            z0 = scale * (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g, device=device))
-            context = states[caption_index[idx.cpu()].to(device)]  # (B, L, width)
-            drop = torch.rand(idx.shape[0], generator=g, device=device) < tc.caption_dropout
-            context = torch.where(drop[:, None, None], empty.expand_as(context), context)
-            t = torch.randint(0, schedule.num_train_timesteps, (idx.shape[0],), generator=g, device=device)
-            eps = torch.randn(z0.shape, generator=g, device=device)
-            zt = add_noise(z0, eps, t, schedule)
+            zt, t, eps, context = encoded.noisy_batch(idx, schedule, tc.caption_dropout, g)
             down, mid = net(zt, t, context, ctrl)
             pred = unet(zt, t, context, down_block_additional_residuals=down, mid_block_additional_residual=mid)
-            per_sample = (pred - eps).pow(2).mean(dim=(1, 2, 3))  # (B,)
-            if tc.min_snr_gamma is not None:
-                s_t = snr[t]
-                per_sample = per_sample * s_t.clamp(max=tc.min_snr_gamma) / s_t
-            loss = per_sample.mean()
+            loss = min_snr_loss(pred, eps, t, snr, tc.min_snr_gamma)
             # the learning rate is constant after warm-up, as for the U-Net
             optimiser_step(opt, loss, lr_at(step, tc.steps, tc.lr, cosine=False), net.parameters())
             log.add(loss.item())

@@ -409,6 +409,58 @@ def encode_captions(clip: CLIP, captions: list[str], device="cpu", batch_size: i
     return states, torch.tensor([where[c] for c in captions]), empty
 
 
+@dataclass
+class EncodedScenes:
+    """Training scenes encoded once, before a latent-diffusion training loop (U-Net or ControlNet).
+
+    mean, std: the VAE posterior of every scene (N, 4, 8, 8); scale: the VAE's scaling factor;
+    states, caption_index, empty: what ``encode_captions`` returns.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    scale: float
+    states: torch.Tensor
+    caption_index: torch.Tensor
+    empty: torch.Tensor
+
+    @classmethod
+    def encode(cls, vae: VAE, clip: CLIP, scenes: data.Scenes, n: int, device="cpu") -> "EncodedScenes":
+        mean, std = encode_scenes(vae, scenes.images[:n], device)  # (N, 4, 8, 8) each
+        states, caption_index, empty = encode_captions(clip, scenes.captions[:n], device)
+        return cls(mean, std, vae.config.scaling_factor, states, caption_index, empty)
+
+    def noisy_batch(self, idx: torch.Tensor, schedule, caption_dropout: float, g: torch.Generator):
+        """One training batch: (z_t, t, eps, text states), every draw from ``g`` in a fixed order.
+
+        z0 is a fresh sample of each scene's posterior, scaled to unit variance; a share
+        ``caption_dropout`` of the captions becomes "", so the network also learns the
+        unconditional prediction that classifier-free guidance needs.
+        """
+        device = self.mean.device
+        idx = idx.to(device)
+        z0 = self.scale * (self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=g,
+                                                                        device=device))
+        context = self.states[self.caption_index[idx.cpu()].to(device)]  # (B, L, width)
+        drop = torch.rand(idx.shape[0], generator=g, device=device) < caption_dropout
+        context = torch.where(drop[:, None, None], self.empty.expand_as(context), context)
+        t = torch.randint(0, schedule.num_train_timesteps, (idx.shape[0],), generator=g, device=device)
+        eps = torch.randn(z0.shape, generator=g, device=device)
+        return add_noise(z0, eps, t, schedule), t, eps, context
+
+
+def min_snr_loss(pred: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, snr: torch.Tensor,
+                 gamma: float | None) -> torch.Tensor:
+    """Mean over the batch of w_t |eps_hat - eps|^2, with w_t = min(SNR_t, gamma) / SNR_t (Min-SNR-gamma,
+    Hang et al. 2023, for eps-prediction); gamma None gives SD's plain MSE. Nearly clean latents (high
+    SNR, easy) count less; the noisy steps that decide layout, shape and colour count fully."""
+    per_sample = (pred - eps).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    if gamma is not None:
+        s_t = snr.to(pred.device)[t]
+        per_sample = per_sample * s_t.clamp(max=gamma) / s_t
+    return per_sample.mean()
+
+
 def train_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings = DataSettings(),
                tc: UNetTraining = UNetTraining(), config: UNetConfig | None = None, out_dir: str | Path = WEIGHTS_DIR,
                device="cpu", vae: VAE | None = None, clip: CLIP | None = None, quiet: bool = False) -> UNet:
@@ -430,10 +482,8 @@ def train_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings
     torch.manual_seed(tc.seed)
     g = torch.Generator(device=device).manual_seed(tc.seed)
     gi = torch.Generator().manual_seed(tc.seed)
-    scale = vae.config.scaling_factor
     n = min(len(scenes), tc.n_scenes)
-    mean, std = encode_scenes(vae, scenes.images[:n], device)  # (N, 4, 8, 8) each
-    states, caption_index, empty = encode_captions(clip, scenes.captions[:n], device)
+    encoded = EncodedScenes.encode(vae, clip, scenes, n, device)
     schedule = sd_schedule()
     snr = schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)  # (T,) signal-to-noise ratio of each timestep
     model = UNet(config).to(device)
@@ -443,21 +493,8 @@ def train_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings
     log = LossLog()
     with _bar(tc.steps, "unet", quiet) as bar:
         for step, idx in enumerate(batches(n, tc.batch_size, tc.steps, gi)):
-            idx = idx.to(device)
-            z0 = scale * (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g, device=device))  # a fresh posterior sample each time, scaled to unit variance
-            context = states[caption_index[idx.cpu()].to(device)]  # (B, L, width)
-            drop = torch.rand(idx.shape[0], generator=g, device=device) < tc.caption_dropout
-            context = torch.where(drop[:, None, None], empty.expand_as(context), context)
-            t = torch.randint(0, schedule.num_train_timesteps, (idx.shape[0],), generator=g, device=device)
-            eps = torch.randn(z0.shape, generator=g, device=device)
-            zt = add_noise(z0, eps, t, schedule)
-            per_sample = (model(zt, t, context) - eps).pow(2).mean(dim=(1, 2, 3))  # (B,)
-            if tc.min_snr_gamma is not None:
-                # Min-SNR-gamma for eps-prediction: weight min(SNR, gamma) / SNR. Nearly clean latents
-                # (high SNR, easy) count less; the noisy steps that decide layout, shape and colour count fully.
-                s_t = snr.to(device)[t]
-                per_sample = per_sample * s_t.clamp(max=tc.min_snr_gamma) / s_t
-            loss = per_sample.mean()
+            zt, t, eps, context = encoded.noisy_batch(idx, schedule, tc.caption_dropout, g)
+            loss = min_snr_loss(model(zt, t, context), eps, t, snr, tc.min_snr_gamma)
             optimiser_step(opt, loss, lr_at(step, tc.steps, tc.lr, cosine=False), model.parameters())
             with torch.no_grad():  # EMA, with a warm-up so early steps are not dominated by the random init
                 d = min(tc.ema_decay, (1 + step) / (10 + step))
