@@ -16,6 +16,7 @@ The guided model works for epsilon- and v-prediction alike: guidance mixes model
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -116,8 +117,12 @@ def guided_model(
         if guidance_scale.ndim > 1 or guidance_scale.numel() == 0 or not guidance_scale.is_floating_point():
             raise ValueError("a tensor guidance_scale must be a float scalar or a 1-D (B,) float tensor, got "
                              f"shape {tuple(guidance_scale.shape)} dtype {guidance_scale.dtype}")
+        if not torch.isfinite(guidance_scale).all():
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale.tolist()}")
         skip_uncond = bool((guidance_scale == 1.0).all())
     else:
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         skip_uncond = guidance_scale == 1.0
     if not skip_uncond:
         if uncond is None:

@@ -104,7 +104,7 @@ class TinySD:
         if scales.ndim > 1 or (scales.ndim == 1 and len(scales) != len(prompts)):
             raise ValueError(f"guidance_scale must be a number or one per prompt ({len(prompts)}), got shape "
                              f"{tuple(scales.shape)}")
-        if (scales < 1.0).any():
+        if not torch.isfinite(scales).all() or (scales < 1.0).any():
             raise ValueError(f"guidance_scale must be >= 1 (1 means no guidance), got {guidance_scale}")
         b = len(prompts)
         negative = [""] * b if negative_prompt is None else (

@@ -151,6 +151,10 @@ def test_guided_model_errors():
         guided_model(text_model, cond, cond, 7.5, guidance_rescale=2.0)
     with pytest.raises(ValueError, match="must be a tensor"):
         guided_model(text_model, "a red circle", cond, 7.5)
+    with pytest.raises(ValueError, match="finite"):
+        guided_model(text_model, cond, cond, float("nan"))
+    with pytest.raises(ValueError, match="finite"):
+        guided_model(text_model, cond, cond, torch.tensor([3.0, float("inf")]))
     g = guided_model(text_model, cond, cond, 7.5)
     with pytest.raises(ValueError, match="cond=None"):
         g(randn(2, 4, 8, 8), torch.tensor([1, 1]), cond)

@@ -68,6 +68,8 @@ def test_bad_arguments(pipe):
         pipe.generate(PROMPTS, negative_prompt=["", "", ""])
     with pytest.raises(ValueError, match="guidance_scale"):
         pipe.generate(PROMPTS, guidance_scale=0.5)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        pipe.generate(PROMPTS, guidance_scale=float("nan"))
     with pytest.raises(ValueError, match="spacing"):
         pipe.generate(PROMPTS, spacing="uniform")
 
