@@ -12,3 +12,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny_unet():
+    """A small course U-Net with seeded random weights (cross-attention width 24), in eval mode."""
+    from course_lib.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    return UNet(UNetConfig(block_channels=(16, 32), layers_per_block=1, heads=2, context_dim=24,
+                           time_embed_dim=32, norm_groups=8)).eval()

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from course_lib.attention import Attention, AttentionStore, attention, set_attention_backend
-from course_lib.unet import UNet, UNetConfig
 
 
 def _qkv(lq=64, lk=32, b=2, h=4, d=16, seed=0):
@@ -47,14 +46,8 @@ def test_bad_backend_and_shapes_are_rejected():
         Attention(32, context_dim=16, heads=2, dim_head=16)(torch.randn(1, 4, 32))
 
 
-def _tiny_unet():
-    torch.manual_seed(0)
-    return UNet(UNetConfig(block_channels=(16, 32), layers_per_block=1, heads=2, context_dim=24,
-                           time_embed_dim=32, norm_groups=8)).eval()
-
-
-def test_whole_unet_agrees_across_backends():
-    unet = _tiny_unet()
+def test_whole_unet_agrees_across_backends(tiny_unet):
+    unet = tiny_unet
     g = torch.Generator().manual_seed(1)
     x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, 24, generator=g)
     t = torch.tensor([10, 900])
@@ -65,8 +58,8 @@ def test_whole_unet_agrees_across_backends():
     set_attention_backend(unet, "sdpa")
 
 
-def test_attention_store_records_one_map_per_cross_attention_call():
-    unet = _tiny_unet()
+def test_attention_store_records_one_map_per_cross_attention_call(tiny_unet):
+    unet = tiny_unet
     x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 24)
     with torch.no_grad():
         plain = unet(x, 5, ctx)

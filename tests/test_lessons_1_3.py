@@ -13,7 +13,6 @@ from course_lib.checks import lesson_checks
 from course_lib.clip import CLIP, CLIPConfig, Tokenizer
 from course_lib.clip_viz import attribute_options, binding_preference, binding_swaps, zero_shot_accuracy
 from course_lib.schedules import sd_schedule
-from course_lib.unet import UNet, UNetConfig
 from course_lib.vae import VAE, VAEConfig
 from course_lib.vae_viz import (apply_latent_to_rgb, compression_table, latent_to_rgb, snr_db_with_data_std,
                                 trace_shapes)
@@ -56,14 +55,8 @@ def test_snr_with_data_std_shifts_by_20_log10_std():
     torch.testing.assert_close(snr_db_with_data_std(ab, 5.0) - base, torch.full_like(base, 20 * math.log10(5.0)))
 
 
-def _tiny_unet():
-    torch.manual_seed(0)
-    return UNet(UNetConfig(block_channels=(16, 32), layers_per_block=1, heads=2, context_dim=24,
-                           time_embed_dim=32, norm_groups=8)).eval()
-
-
-def test_token_maps_average_layers_heads_and_keep_the_conditional_half():
-    unet = _tiny_unet()
+def test_token_maps_average_layers_heads_and_keep_the_conditional_half(tiny_unet):
+    unet = tiny_unet
     x, ctx = torch.randn(4, 4, 8, 8), torch.randn(4, 7, 24)  # 2 prompts x [uncond, cond]
     with torch.no_grad(), AttentionStore(unet, kind="cross") as store:
         for t in (900, 100):  # two "sampler steps"
