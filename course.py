@@ -125,9 +125,9 @@ def cmd_gpu(args: list) -> int:
 COMMANDS = {
     "lab": cmd_lab,
     "test": cmd_test,
-    "execute": cmd_module("course_lib.nbtools"),
-    "exercises": lambda args: cmd_module("course_lib.grading")(["generate", *args]),
-    "grade": lambda args: cmd_module("course_lib.grading")(["grade", *args]),
+    "execute": cmd_module("course_tools.execute"),
+    "exercises": lambda args: cmd_module("course_tools.grading")(["generate", *args]),
+    "grade": lambda args: cmd_module("course_tools.grading")(["grade", *args]),
     "train": cmd_module("course_lib.train"),
     "bench": cmd_bench,
     "gpu": cmd_gpu,

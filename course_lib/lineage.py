@@ -505,7 +505,7 @@ def sd3_token_count(height: int, width: int, release: Release = SD3_MEDIUM) -> i
 
 
 # --------------------------------------------------------------------------------------------
-# Lesson 8's "check yourself" cell (built on the course's checker framework, course_lib.checking)
+# Lesson 8's "check yourself" cell (built on the course's checker framework, course_tools.checking)
 # --------------------------------------------------------------------------------------------
 
 
@@ -521,7 +521,7 @@ def check_yourself(sdxl_ratio, mmdit_sequence_length_fn, sdxl_time_ids_fn):
     mmdit_sequence_length_fn:   (height, width) -> tokens in one SD 3 medium joint attention (image + 77 + 256)
     sdxl_time_ids_fn:           (original_size, crops_coords_top_left, target_size) -> SDXL's six numbers
     """
-    from course_lib.checking import Exercise, run_in_notebook
+    from course_tools.checking import Exercise, run_in_notebook
 
     ex = Exercise("l08_check_yourself", "Lesson 8: the lineage in numbers",
                   targets=("sdxl_ratio", "mmdit_sequence_length", "sdxl_time_ids"))

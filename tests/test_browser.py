@@ -2,12 +2,12 @@
 
 nbval proves that the kernel side runs; this proves what a learner sees. One JupyterLab server (on
 127.0.0.1, random token, a temporary copy of the notebooks) and one browser serve the whole module.
-For each lesson in ``course_lib.workshop_check.LESSONS``: Run > Run All Cells, no error output, each
+For each lesson in ``course_tools.workshop_check.LESSONS``: Run > Run All Cells, no error output, each
 listed widget control renders and moving it redraws its figure. Screenshots go to artifacts/browser/.
 
 Without Playwright or Chromium the test is skipped, with the reason; with COURSE_REQUIRE_BROWSER=1
 (as in .ci/run) it fails instead. Instructors run the same flow with ``python3 course.py test -m browser``
-or ``python -m course_lib.workshop_check`` (docs/workshop-check.md).
+or ``python -m course_tools.workshop_check`` (docs/workshop-check.md).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from course_lib import workshop_check as wc
+from course_tools import workshop_check as wc
 
 pytestmark = pytest.mark.browser
 

@@ -1,4 +1,4 @@
-"""The checking framework (course_lib/checking.py, course_lib/agent.py) and the exercises' checks.
+"""The checking framework (course_tools/checking.py, course_tools/agent.py) and the exercises' checks.
 
 - Feedback, not tracebacks: wrong types and shapes, NaNs, exceptions, slow or endless code, tensors
   changed in place, missing names, and bugs in a check itself each give one row of feedback.
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from course_lib.agent import LocalAgent, dumps, from_wire, loads, to_wire
-from course_lib.checking import FEEDBACK_SEEDS, Exercise, ExerciseIncomplete, Run, run_in_notebook
+from course_tools.agent import LocalAgent, dumps, from_wire, loads, to_wire
+from course_tools.checking import FEEDBACK_SEEDS, Exercise, ExerciseIncomplete, Run, run_in_notebook
 from course_lib.checks import EXERCISES
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -265,7 +265,7 @@ def test_lesson6_references_agree_with_the_library():
 
 
 def test_lesson6_checker_passes_the_reference_and_explains_mistakes():
-    from course_lib.checking import ExerciseIncomplete
+    from course_tools.checking import ExerciseIncomplete
     from course_lib.checks import lesson06
 
     result = lesson06.check_yourself(lesson06.combine_controls, lesson06.active_steps)

@@ -12,7 +12,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from course_lib.grading import notebooks
+from course_tools.grading import notebooks
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = sorted((ROOT / "solutions").glob("*.ipynb"))
@@ -67,7 +67,7 @@ def test_check_sync_fails_on_a_stale_copy_and_generate_fixes_it(tmp_path):
     nb.cells[0].source += "\n\nA new sentence."
     nbformat.write(nb, sol / "03_clip_exercises.ipynb")
     (ex / "99_orphan.ipynb").write_text("{}")
-    cmd = [sys.executable, "-m", "course_lib.grading", "check-sync", "--solutions", str(sol), "--exercises", str(ex)]
+    cmd = [sys.executable, "-m", "course_tools.grading", "check-sync", "--solutions", str(sol), "--exercises", str(ex)]
     stale = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert stale.returncode == 1 and "out of date: " in stale.stdout and "03_clip_exercises" in stale.stdout
     assert "99_orphan" in stale.stdout
@@ -93,7 +93,7 @@ def test_generate_keeps_a_copy_of_a_learners_answers(tmp_path):
     assert notebooks.holds_learner_work(ex / name)
     assert not notebooks.holds_learner_work(ex / "02_cross_attention_exercises.ipynb")
 
-    cmd = [sys.executable, "-m", "course_lib.grading", "generate", "--solutions", str(sol), "--exercises", str(ex)]
+    cmd = [sys.executable, "-m", "course_tools.grading", "generate", "--solutions", str(sol), "--exercises", str(ex)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     backups = sorted((ex / notebooks.BACKUPS).glob("*.ipynb"))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from course_lib import device, plotting
+from course_lib import device
+from course_lib.viz import plotting
 
 ROOT = Path(__file__).resolve().parent.parent
 

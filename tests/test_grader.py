@@ -15,13 +15,13 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from course_lib.grading import notebooks
+from course_tools.grading import notebooks
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "hostile"))
 from corpus import EXPECTED, NAME, build  # noqa: E402
 
-GRADE = [sys.executable, "-m", "course_lib.grading", "grade"]
+GRADE = [sys.executable, "-m", "course_tools.grading", "grade"]
 
 
 def _fingerprint(folder: Path) -> dict:
@@ -105,7 +105,7 @@ def test_one_notebook_can_be_graded_on_its_own(tmp_path):
 
 @pytest.mark.parametrize("args", [["does/not/exist"], ["{empty}"], ["{empty}", "--workers", "0"], ["--bogus"]])
 def test_usage_errors_exit_2(tmp_path, args):
-    from course_lib.grading.__main__ import main
+    from course_tools.grading.__main__ import main
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as info:
@@ -159,7 +159,7 @@ def test_the_sandbox_hook_refuses_and_logs(tmp_path):
     (tmp_path / "public.txt").write_text("hello")
     script = textwrap.dedent(f"""
         import os, sys, gc, subprocess, signal
-        from course_lib.grading.sandbox import make_hook
+        from course_tools.grading.sandbox import make_hook
         fd = os.open({str(log)!r}, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         hook = make_hook(({str(secret)!r},), ({str(scratch)!r},), fd)
         sys.addaudithook(hook)

@@ -7,14 +7,14 @@ import torch
 
 from course_lib import data
 from course_lib.attention import AttentionStore
-from course_lib.attention_viz import mass_inside, object_mask, token_labels, token_maps, word_kind
-from course_lib.checking import ExerciseIncomplete
+from course_lib.viz.attention import mass_inside, object_mask, token_labels, token_maps, word_kind
+from course_tools.checking import ExerciseIncomplete
 from course_lib.checks import lesson_checks
 from course_lib.clip import CLIP, CLIPConfig, Tokenizer
-from course_lib.clip_viz import attribute_options, binding_preference, binding_swaps, zero_shot_accuracy
+from course_lib.viz.clip import attribute_options, binding_preference, binding_swaps, zero_shot_accuracy
 from course_lib.schedules import sd_schedule
 from course_lib.vae import VAE, VAEConfig
-from course_lib.vae_viz import (apply_latent_to_rgb, compression_table, latent_to_rgb, snr_db_with_data_std,
+from course_lib.viz.vae import (apply_latent_to_rgb, compression_table, latent_to_rgb, snr_db_with_data_std,
                                 trace_shapes)
 
 

@@ -1,16 +1,16 @@
-"""The helpers lessons 4 and 5 measure with (course_lib.guidance_viz, course_lib.sampler_viz) and their
+"""The helpers lessons 4 and 5 measure with (course_lib.viz.guidance, course_lib.viz.sampler) and their
 "check yourself" exercises, on a tiny randomly initialised SD (no weights needed, seconds on a CPU)."""
 
 import pytest
 import torch
 
 from course_lib import data
-from course_lib import guidance_viz as gv
-from course_lib.agent import LocalAgent
+from course_lib.viz import guidance as gv
+from course_tools.agent import LocalAgent
 from course_lib.checks import lesson45_checks as l45
 from course_lib.clip import CLIP, CLIPConfig, Tokenizer
 from course_lib.guidance import guided_model
-from course_lib.sampler_viz import sample_latents, sampler_timesteps
+from course_lib.viz.sampler import sample_latents, sampler_timesteps
 from course_lib.samplers import ddim
 from course_lib.schedules import make_timesteps, sd_schedule
 from course_lib.tiny_sd import TinySD

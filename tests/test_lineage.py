@@ -172,7 +172,7 @@ def test_markdown_table():
 
 
 def test_check_yourself_passes_right_answers_and_stops_on_wrong_ones(counts):
-    from course_lib.checking import ExerciseIncomplete
+    from course_tools.checking import ExerciseIncomplete
 
     ratio = counts["SDXL base"]["denoiser"].parameters / counts["SD 1.5"]["denoiser"].parameters
     tokens = lambda h, w: (h // 16) * (w // 16) + 77 + 256  # noqa: E731

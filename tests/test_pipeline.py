@@ -1,4 +1,4 @@
-"""course_lib.pipeline: the tiny offline StableDiffusionPipeline, the course's sampler and guidance driving it,
+"""course_lib.diffusers_bridge: the tiny offline StableDiffusionPipeline, the course's sampler and guidance driving it,
 and the real-checkpoint loader, tested on a tiny pipeline saved with save_pretrained and loaded back through
 load_real_sd. Also lesson 7's check-yourself checker. Nothing is downloaded.
 """
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from course_lib import pipeline as P
+from course_lib import diffusers_bridge as P
 from course_lib.checks import lesson07
-from course_lib.checking import ExerciseIncomplete
+from course_tools.checking import ExerciseIncomplete
 from course_lib.schedules import make_timesteps
 
 PROMPTS = ["a red circle", "a blue square"]

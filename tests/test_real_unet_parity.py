@@ -1,7 +1,7 @@
 """The course's samplers and guidance, driving a real diffusers UNet2DConditionModel, give the same latents
 as StableDiffusionPipeline's own loop with the matching scheduler.
 
-The pipeline is built from tiny random components by ``course_lib.pipeline.build_tiny_pipeline``, as
+The pipeline is built from tiny random components by ``course_lib.diffusers_bridge.build_tiny_pipeline``, as
 diffusers' own fast tests build theirs (a UNet, an AutoencoderKL, a CLIPTextModel, and a CLIPTokenizer read
 from a tiny vocabulary written to a temporary folder), and runs with output_type="latent". Nothing is downloaded.
 """
@@ -18,7 +18,7 @@ from diffusers import (
 )
 
 from course_lib.guidance import guided_model
-from course_lib.pipeline import TinyPipelineConfig, build_tiny_pipeline
+from course_lib.diffusers_bridge import TinyPipelineConfig, build_tiny_pipeline
 from course_lib.samplers import SAMPLERS, unet_model
 from course_lib.schedules import NoiseSchedule, make_timesteps, rescale_zero_terminal_snr, scaled_linear_betas, sd_schedule
 

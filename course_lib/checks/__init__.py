@@ -1,8 +1,8 @@
 """The checks of every exercise, one module per lesson, each with its own reference implementations.
 
 A notebook's checker cell calls `check` with the exercise's id and the learner's objects; the
-grader (``course_lib/grading``) runs the same `Exercise` objects against a sandboxed kernel. The
-framework is ``course_lib/checking.py``; ``docs/grading.md`` is the instructor's guide.
+grader (``course_tools/grading``) runs the same `Exercise` objects against a sandboxed kernel. The
+framework is ``course_tools/checking.py``; ``docs/grading.md`` is the instructor's guide.
 
 | notebook (solutions/ and exercises/) | exercises |
 | --- | --- |
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from course_lib.checking import Exercise, run_in_notebook
+from course_tools.checking import Exercise, run_in_notebook
 from course_lib.checks import (attention, clip, controlnet, guidance, lineage, pipeline, recap, samplers,
                                vae)
 

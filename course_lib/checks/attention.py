@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from course_lib.checking import Exercise, Run
+from course_tools.checking import Exercise, Run
 
 # ==============================================================================================
 # Reference implementation

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from course_lib.checking import Exercise, Run
+from course_tools.checking import Exercise, Run
 
 # ==============================================================================================
 # Reference implementations

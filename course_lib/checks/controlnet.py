@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from course_lib.checking import Exercise, Run
+from course_tools.checking import Exercise, Run
 
 # ==============================================================================================
 # Reference implementations

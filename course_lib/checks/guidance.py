@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from course_lib.checking import Exercise, Run
+from course_tools.checking import Exercise, Run
 
 SCALES = (1.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from course_lib.checking import Exercise, ExerciseResult, Run, run_in_notebook
+from course_tools.checking import Exercise, ExerciseResult, Run, run_in_notebook
 
 # ==============================================================================================
 # Reference implementations

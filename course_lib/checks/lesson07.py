@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from course_lib.checking import Exercise, ExerciseResult, run_in_notebook
+from course_tools.checking import Exercise, ExerciseResult, run_in_notebook
 
 # ==============================================================================================
 # Reference implementations

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from course_lib.checking import Exercise, Run, run_in_notebook
+from course_tools.checking import Exercise, Run, run_in_notebook
 from course_lib.schedules import make_timesteps
 
 # ==============================================================================================

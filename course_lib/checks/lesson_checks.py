@@ -5,7 +5,7 @@ A lesson's check cell calls::
     from course_lib.checks.lesson_checks import check_yourself
     check_yourself("lesson01", scaling_factor, snr_db)
 
-which runs the lesson's `Exercise` (``course_lib.checking``) on the learner's functions with seeded
+which runs the lesson's `Exercise` (``course_tools.checking``) on the learner's functions with seeded
 cases and shows the usual table of checks. Each exercise keeps its own reference implementation
 here, computed in float64.
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from course_lib.checking import Exercise, ExerciseResult, run_in_notebook
+from course_tools.checking import Exercise, ExerciseResult, run_in_notebook
 
 # ==============================================================================================
 # Reference implementations

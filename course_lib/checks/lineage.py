@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from course_lib.agent import Probe, probe_network
-from course_lib.checking import Exercise, Run
+from course_tools.agent import Probe, probe_network
+from course_tools.checking import Exercise, Run
 
 # The U-Net configs as published with the checkpoints (unet/config.json), keys that differ from
 # UNet2DConditionModel's defaults only.

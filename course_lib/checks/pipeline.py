@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from course_lib.agent import Probe, ProbeDenoiser
-from course_lib.checking import Exercise, Run
+from course_tools.agent import Probe, ProbeDenoiser
+from course_tools.checking import Exercise, Run
 from course_lib.checks.samplers import ddim_step, linear_alpha_bars
 
 # ==============================================================================================

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from course_lib.checking import Exercise, Run
+from course_tools.checking import Exercise, Run
 
 # ==============================================================================================
 # Reference implementations

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from course_lib.checking import Exercise, Run
+from course_tools.checking import Exercise, Run
 
 STEP_COUNTS = (5, 10, 20, 50, 100, 200, 500, 1000)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from course_lib.agent import Probe
-from course_lib.checking import Exercise
+from course_tools.agent import Probe
+from course_tools.checking import Exercise
 
 FLOAT32_BYTES = 4
 MIB = 2**20

@@ -87,7 +87,7 @@ EX1, EX2, EX3 = ("ex84-schedule-comparator", "ex84-noise-predictor-evaluator", "
 
 def one_seed_cheat() -> str:
     """A UNetAnalyzer that answers from a table of the cases the notebook's own seeds draw."""
-    from course_lib.checking import FEEDBACK_SEEDS, Run
+    from course_tools.checking import FEEDBACK_SEEDS, Run
     from course_lib.checks.recap import UNET, _configs, unet_levels
 
     run = Run(None, UNET, FEEDBACK_SEEDS)
@@ -168,7 +168,7 @@ try:
 except ImportError as err:
     print("blocked:", err)
 try:
-    import course_lib.checking as checking
+    import course_tools.checking as checking
     checking.Run.close = lambda *a, **k: None
     checking.Run.equal = lambda *a, **k: None
     checking.Run.expect = lambda *a, **k: None

@@ -1,7 +1,7 @@
 """Grade one notebook or a folder of them: one process per submission, several in parallel.
 
 Each submission runs in a sandboxed kernel of its own (``executor.py``), started by a grading
-process (``python -m course_lib.grading _worker``, one per parallel slot). The batch:
+process (``python -m course_tools.grading _worker``, one per parallel slot). The batch:
 
 - copies ``course_lib`` to a private folder first and runs the workers from that copy, so that
   nothing a submission does to the repository's files changes how later submissions are graded;
@@ -29,8 +29,8 @@ import threading
 import time
 from pathlib import Path
 
-from course_lib.grading import notebooks
-from course_lib.grading.options import Options
+from course_tools.grading import notebooks
+from course_tools.grading.options import Options
 
 WORKER_MARGIN_S = 90.0  # kernel start-up and restarts, on top of the notebook's own limit
 
@@ -59,8 +59,9 @@ def grade_batch(path: Path, out: Path, options: Options, workers: int = 2, solut
     subs = find_submissions(path, exclude=out)
     private = Path(tempfile.mkdtemp(prefix="course-batch-"))
     snapshot = private / f"lib-{secrets.token_hex(6)}"
-    shutil.copytree(notebooks.ROOT / "course_lib", snapshot / "course_lib",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for package in ("course_lib", "course_tools"):
+        shutil.copytree(notebooks.ROOT / package, snapshot / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     deny = _safe_deny([path, out, private, solutions.resolve()])
     cache = Path(tempfile.mkdtemp(prefix="course-cache-"))  # readable by the kernels, written only before their hook
     options = Options(**{**options.__dict__, "deny": tuple(options.deny) + deny, "cache_dir": str(cache)})
@@ -143,7 +144,7 @@ class Worker:
         work.mkdir(parents=True)
         env = {**os.environ, "PYTHONPATH": str(snapshot), "PYTHONDONTWRITEBYTECODE": "1",
                "COURSE_ROOT": str(notebooks.ROOT)}
-        cmd = [options.python, "-m", "course_lib.grading", "_worker", "--solutions", str(solutions),
+        cmd = [options.python, "-m", "course_tools.grading", "_worker", "--solutions", str(solutions),
                "--seed", str(options.seed), "--timeout", str(options.timeout), "--cell-timeout",
                str(options.cell_timeout), "--memory-mb", str(options.memory_mb), "--file-mb", str(options.file_mb),
                "--pid-dir", str(work), "--cache-dir", str(options.cache_dir)]
@@ -299,7 +300,7 @@ def worker_main(args) -> int:
     import nbformat
 
     from course_lib.checks import EXERCISES  # noqa: F401  (the checks, loaded once, before any submission)
-    from course_lib.grading.executor import grade_submission
+    from course_tools.grading.executor import grade_submission
 
     options = Options(timeout=args.timeout, cell_timeout=args.cell_timeout, memory_mb=args.memory_mb,
                       file_mb=args.file_mb, seed=args.seed, deny=tuple(args.deny or ()), python=sys.executable,

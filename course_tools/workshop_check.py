@@ -1,7 +1,7 @@
 """Check the course the way a learner meets it: in a real JupyterLab, in a real browser.
 
-    python -m course_lib.workshop_check                      # every lesson listed in LESSONS
-    python -m course_lib.workshop_check notebooks/00_welcome.ipynb
+    python -m course_tools.workshop_check                      # every lesson listed in LESSONS
+    python -m course_tools.workshop_check notebooks/00_welcome.ipynb
 
 The check starts JupyterLab on 127.0.0.1 with a random token, from this Python environment, and
 drives headless Chromium with Playwright. For each lesson it runs every cell from the Run menu,
@@ -663,7 +663,7 @@ def run_check(lessons: list[LessonCheck], budget_s: float = 285.0, artifacts: Pa
 
 
 def main(argv: list | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m course_lib.workshop_check", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m course_tools.workshop_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("notebooks", nargs="*", help="notebooks to check (default: the lessons listed in LESSONS)")
     parser.add_argument("--control", action="append", default=[],

@@ -1,8 +1,8 @@
 """The course's grader and the generator of the student version (``exercises/``).
 
-    python -m course_lib.grading grade PATH [--out DIR] [--workers N] [--timeout S] [--cell-timeout S]
-    python -m course_lib.grading generate      # solutions/ -> exercises/
-    python -m course_lib.grading check-sync    # exit 1 when exercises/ is out of date
+    python -m course_tools.grading grade PATH [--out DIR] [--workers N] [--timeout S] [--cell-timeout S]
+    python -m course_tools.grading generate      # solutions/ -> exercises/
+    python -m course_tools.grading check-sync    # exit 1 when exercises/ is out of date
 
 Modules:
     notebooks.py  the one source: solution regions, generation, check cells restored by cell id
@@ -11,5 +11,5 @@ Modules:
     batch.py      a folder of submissions: one process each, in parallel; JSON, CSV and Markdown
 
 ``docs/grading.md`` is the instructor's guide. This package's ``__init__`` imports nothing, because
-the sandboxed kernel starts from ``course_lib.grading.sandbox`` and must not load the rest.
+the sandboxed kernel starts from ``course_tools.grading.sandbox`` and must not load the rest.
 """

@@ -1,24 +1,24 @@
 """The kernel a submission runs in: an ipykernel started behind limits and a Python audit hook.
 
-The grader starts it as ``python -m course_lib.grading.sandbox -f CONNECTION_FILE`` with its
+The grader starts it as ``python -m course_tools.grading.sandbox -f CONNECTION_FILE`` with its
 settings in ``COURSE_SANDBOX_*`` environment variables. Before any of the learner's code runs it:
 
 1. sets resource limits: address space (memory), size of any file written, no core dumps;
-2. imports torch, numpy and the agent (``course_lib.agent``), and registers the agent as the
+2. imports torch, numpy and the agent (``course_tools.agent``), and registers the agent as the
    module ``_course_agent``, through which the grader's checks call the learner's code;
 3. installs an audit hook (PEP 578; Python offers no way to remove one) that refuses, and logs to
    a file the grader reads:
    - reading or listing the forbidden folders (solutions/, the checks, .git, the other
      submissions, the grader's reports) and other processes' /proc entries;
    - writing, deleting or renaming anything outside the submission's scratch folder;
-   - importing the checks or the grader (course_lib.checks, course_lib.checking, course_lib.grading);
+   - importing the checks or the grader (course_lib.checks, course_tools.checking, course_tools.grading);
    - starting processes, signalling other processes (the grader), opening network connections,
      raw memory through ctypes, walking the garbage collector's objects, replacing code objects
      (the usual ways around a hook);
 4. starts the kernel.
 
 This is defence in depth, not the guarantee: scores never depend on anything in this process.
-The checks run in the grader's process and receive only data from here (``course_lib/agent.py``).
+The checks run in the grader's process and receive only data from here (``course_tools/agent.py``).
 An in-process hook can be defeated by determined code; what that code can reach is its own
 process, and the attempt leaves a trace in the log and in the submission's source.
 """
@@ -35,7 +35,7 @@ ENV_WRITABLE = "COURSE_SANDBOX_WRITABLE"  # os.pathsep-separated folders that ma
 ENV_LOG = "COURSE_SANDBOX_LOG"  # file the hook appends its refusals to
 ENV_MEMORY_MB = "COURSE_SANDBOX_MEMORY_MB"
 ENV_FILE_MB = "COURSE_SANDBOX_FILE_MB"
-FORBIDDEN_MODULES = ("course_lib.checks", "course_lib.checking", "course_lib.grading")
+FORBIDDEN_MODULES = ("course_lib.checks", "course_tools.checking", "course_tools.grading")
 _SPAWN = {"subprocess.Popen", "os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.forkpty",
           "os.startfile", "pty.spawn"}
 # ctypes may load libraries (many packages do, on import); it may not read raw memory. (Writing it
@@ -158,7 +158,7 @@ def install_agent() -> None:
     """Register ``_course_agent.serve(request_path, reply_path)`` for the grader's checks."""
     import types
 
-    from course_lib.agent import AgentCore, dumps, loads
+    from course_tools.agent import AgentCore, dumps, loads
 
     def namespace() -> dict:
         from IPython import get_ipython

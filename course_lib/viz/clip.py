@@ -15,8 +15,8 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import torch
 
-from .clip import CLIP, Tokenizer
-from .data import ATTRIBUTES, Scenes, caption
+from ..clip import CLIP, Tokenizer
+from ..data import ATTRIBUTES, Scenes, caption
 from .plotting import to_uint8, wrap
 
 

@@ -1,6 +1,6 @@
 """The agent: how the checks call the learner's code and get plain data back.
 
-`course_lib.checking` runs an exercise's checks; this module is the only place where they meet the
+`course_tools.checking` runs an exercise's checks; this module is the only place where they meet the
 learner's objects. A check sends a request (call a function or method, read an attribute,
 describe an object, call and backpropagate); the agent serves it against the learner's namespace
 and answers with data only: numbers, strings, tensors, numpy arrays, lists, tuples and dicts of
@@ -11,7 +11,7 @@ Requests and answers always make a round trip through bytes (`dumps`/`loads`, re
 - the learner's code works on copies and cannot change the checks' reference values;
 - the same checks work whether the learner's objects are in this process (`LocalAgent`, used by a
   notebook's checker cell) or in another one (the grader's sandboxed kernel,
-  ``course_lib/grading/executor.py``), where nothing the learner's code does can reach the
+  ``course_tools/grading/executor.py``), where nothing the learner's code does can reach the
   process that computes the score.
 
 Probes are small deterministic test doubles (a denoiser that logs its calls, a network to count,

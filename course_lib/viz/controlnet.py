@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .edges import dilate
+from ..edges import dilate
 from .plotting import to_uint8, wrap
 
 # Top-level module names -> the part of the model they belong to (diffusers' names, shared by the course's models).

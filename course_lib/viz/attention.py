@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .clip import EOS, PAD, Tokenizer
-from .data import COLOURS, POSITIONS, SHAPES, SIZES
+from ..clip import EOS, PAD, Tokenizer
+from ..data import COLOURS, POSITIONS, SHAPES, SIZES
 from .plotting import to_uint8
 
 POSITION_WORDS = sorted({w for p in POSITIONS for w in p.split()})

@@ -15,10 +15,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .data import BACKGROUND_RGB, BACKGROUNDS, COLOUR_RGB, COLOURS, POSITIONS, parse_caption
-from .evaluator import HEADS
-from .guidance import classifier_free_guidance, guided_model, rescale_noise_cfg
-from .samplers import sample
+from ..data import BACKGROUND_RGB, BACKGROUNDS, COLOUR_RGB, COLOURS, POSITIONS, parse_caption
+from ..evaluator import HEADS
+from ..guidance import classifier_free_guidance, guided_model, rescale_noise_cfg
+from ..samplers import sample
 
 Model = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 

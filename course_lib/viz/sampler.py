@@ -11,9 +11,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .guidance import guided_model
-from .samplers import SAMPLERS, sample
-from .schedules import Spacing, make_timesteps
+from ..guidance import guided_model
+from ..samplers import SAMPLERS, sample
+from ..schedules import Spacing, make_timesteps
 
 
 def sampler_timesteps(name: str, num_steps: int, spacing: Spacing = "trailing",

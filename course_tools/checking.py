@@ -7,7 +7,7 @@ Every exercise in ``solutions/`` (and in the generated ``exercises/``) ends with
 
 An `Exercise` (``course_lib/checks/*.py``) is a list of checks, each a small function with a name,
 points and a hint. A check calls the learner's code only through `Run` (``run.call``,
-``run.get``, ``run.vjp``), which goes through an agent (``course_lib/agent.py``) and gets plain
+``run.get``, ``run.vjp``), which goes through an agent (``course_tools/agent.py``) and gets plain
 data back; then it compares with the check's own reference implementation (``run.close``,
 ``run.equal``, ``run.expect``). The first problem raises `Failed` with what was expected, what came
 and, where the check knows the usual mistake, a hint.
@@ -35,7 +35,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import torch
 
-from course_lib.agent import LocalAgent, Probe, Ref, from_wire
+from course_tools.agent import LocalAgent, Probe, Ref, from_wire
 
 FEEDBACK_SEEDS = (11, 22, 33)  # seeds of the checks run inside a notebook; the grader draws its own
 DEFAULT_CALL_TIMEOUT = 10.0  # seconds one call into the learner's code may take

@@ -1,4 +1,4 @@
-"""Command line of the grader: grade, generate, check-sync (``python -m course_lib.grading --help``).
+"""Command line of the grader: grade, generate, check-sync (``python -m course_tools.grading --help``).
 
 Exit codes: 0 when the command did its job (grading finished, even if every student failed;
 exercises/ written or in sync), 1 when check-sync finds exercises/ out of date, 2 on usage errors
@@ -12,11 +12,11 @@ import secrets
 import sys
 from pathlib import Path
 
-from course_lib.grading import notebooks
+from course_tools.grading import notebooks
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m course_lib.grading", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m course_tools.grading", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -69,17 +69,17 @@ def main(argv: list[str] | None = None) -> int:
         for line in problems:
             print(line)
         if problems:
-            print("run: python course.py exercises   (or python -m course_lib.grading generate)")
+            print("run: python course.py exercises   (or python -m course_tools.grading generate)")
             return 1
         print(f"{args.exercises} is in sync with {args.solutions}")
         return 0
     if args.command == "_worker":
-        from course_lib.grading.batch import worker_main
+        from course_tools.grading.batch import worker_main
 
         return worker_main(args)
 
-    from course_lib.grading.batch import grade_batch
-    from course_lib.grading.options import Options
+    from course_tools.grading.batch import grade_batch
+    from course_tools.grading.options import Options
 
     if not args.path.exists():
         parser.error(f"no such file or folder: {args.path}")
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--timeout, --cell-timeout and --workers must be positive")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     options = Options(timeout=args.timeout, cell_timeout=args.cell_timeout, memory_mb=args.memory_mb, seed=seed)
-    from course_lib.grading.batch import find_submissions
+    from course_tools.grading.batch import find_submissions
 
     if not find_submissions(args.path.resolve(), exclude=args.out.resolve()):
         parser.error(f"no notebooks to grade in {args.path}")

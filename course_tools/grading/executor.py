@@ -35,10 +35,10 @@ import zmq
 from jupyter_client import BlockingKernelClient
 from jupyter_client.connect import write_connection_file
 
-from course_lib.agent import dumps, loads, to_wire
-from course_lib.checking import ExerciseResult, KernelLost
-from course_lib.grading import notebooks, sandbox
-from course_lib.grading.options import Options
+from course_tools.agent import dumps, loads, to_wire
+from course_tools.checking import ExerciseResult, KernelLost
+from course_tools.grading import notebooks, sandbox
+from course_tools.grading.options import Options
 
 MAX_SUBMISSION_BYTES = 256 * 2**20  # a larger file is not read (status invalid)
 MAX_MESSAGE_BYTES = 32 * 2**20  # larger kernel messages drop the connection instead of filling memory
@@ -100,7 +100,7 @@ class Kernel:
         }
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [self.options.python, "-m", "course_lib.grading.sandbox", "-f", conn],
+                [self.options.python, "-m", "course_tools.grading.sandbox", "-f", conn],
                 cwd=self.scratch, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,  # its own process group: interrupts and kills reach it all
             )
