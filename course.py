@@ -8,7 +8,9 @@
     python3 course.py grade PATH   grade one submitted notebook or a folder of them
     python3 course.py train        train every model of the tiny Stable Diffusion from scratch
     python3 course.py bench        run every benchmark in benchmarks/
-    python3 course.py gpu          run the test suite and the benchmarks on CUDA
+    python3 course.py gpu          run the test suite, every lesson and the benchmarks on CUDA
+    python3 course.py gpu --check  the timed GPU check (benchmarks/gpu_check.py; on CPU a dry run)
+    python3 course.py colab        write the repository (pyproject.toml) into every setup cell and badge
 
 Extra arguments after the command are passed on (to pytest, jupyter lab, the grader, ...).
 Setup installs the pinned, known-good package set (requirements/constraints.txt) into .venv.
@@ -71,14 +73,23 @@ def ensure_env() -> Path:
     if not has_torch:
         # Installed on its own first so that no other requirement can pull in a different torch build.
         check(pip + shlex.split(os.environ.get("COURSE_TORCH", DEFAULT_TORCH)))
-    check(pip + ["-c", CONSTRAINTS, "-e", ".[dev]"])
+    # The library (what Colab also installs) plus the lab extra (JupyterLab, kernel, notebook tools) and dev (tests).
+    check(pip + ["-c", CONSTRAINTS, "-e", ".[lab,dev]"])
     STAMP.write_text(setup_stamp())
     return py
 
 
+def lab_command(py: Path, args: list) -> list:
+    """The JupyterLab command line; as root (a container, a cloud VM) with --allow-root, which Jupyter
+    otherwise demands before it starts."""
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    extra = ["--allow-root"] if root and "--allow-root" not in args else []
+    return [py, "-m", "jupyter", "lab", *extra, "--notebook-dir", ROOT, ROOT / "notebooks" / "00_welcome.ipynb", *args]
+
+
 def cmd_lab(args: list) -> int:
     py = ensure_env()
-    return run([py, "-m", "jupyter", "lab", "--notebook-dir", ROOT, ROOT / "notebooks" / "00_welcome.ipynb", *args])
+    return run(lab_command(py, args))
 
 
 def cmd_test(args: list) -> int:
@@ -109,16 +120,43 @@ def cmd_bench(args: list) -> int:
     return 1 if failures else 0
 
 
+CUDA_PROBE = """import shutil, torch
+print("cuda" if torch.cuda.is_available() else
+      "cpu-only" if torch.version.cuda is None and shutil.which("nvidia-smi") else "none", torch.__version__)"""
+
+
+def cuda_problem(py: Path) -> str | None:
+    """None when .venv's torch sees a GPU; otherwise what is wrong, and the fix."""
+    out = subprocess.run([str(py), "-c", CUDA_PROBE], capture_output=True, text=True).stdout.split()
+    state, version = (out + ["none", "?"])[:2]
+    if state == "cuda":
+        return None
+    if state == "cpu-only":
+        return (f"this machine has an NVIDIA GPU, but .venv holds a CPU-only torch ({version}), and setup never\n"
+                "replaces an installed torch. Replace it with a CUDA build, then run this command again:\n"
+                "    .venv/bin/python -m pip uninstall -y torch\n"
+                '    COURSE_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130" python3 course.py gpu\n'
+                "(choose the CUDA version that your driver supports: nvidia-smi shows it; pytorch.org lists the builds)")
+    return f"CUDA is not available on this machine (torch {version}: no NVIDIA GPU or driver found)"
+
+
 def cmd_gpu(args: list) -> int:
-    """The test suite and the benchmarks on CUDA (for a machine that has a GPU)."""
+    """The test suite, every lesson under nbval, and the benchmarks on CUDA (for a machine that has a GPU).
+
+    ``--check`` runs benchmarks/gpu_check.py instead: the timed check that reports each step, and on a
+    machine without CUDA a dry run that says what it skipped and why."""
     py = ensure_env()
-    ok = subprocess.call([str(py), "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"]) == 0
-    if not ok:
-        sys.exit("course.py gpu: CUDA is not available on this machine")
+    if "--check" in args:
+        rest = [a for a in args if a != "--check"]
+        return run([py, ROOT / "benchmarks" / "gpu_check.py", *rest], env=dict(os.environ, COURSE_PROGRESS="0"))
+    problem = cuda_problem(py)
+    if problem:
+        sys.exit(f"course.py gpu: {problem}")
     env = dict(os.environ, COURSE_DEVICE="cuda", COURSE_PROGRESS="0")
-    code = run([py, "-m", "pytest", "tests", "-m", "not browser", *args], env=env)
+    # tests/ (the solutions and the student notebooks run inside tests/test_exercises.py) and every lesson.
+    code = run([py, "-m", "pytest", "tests", "notebooks", "-m", "not browser", *args], env=env)
     for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
-        code |= run([py, script], env=env)  # benchmarks pick the device from $COURSE_DEVICE
+        code |= run([py, script], env=env)  # on $COURSE_DEVICE; results go to artifacts/, never assets/
     return code
 
 
@@ -131,6 +169,7 @@ COMMANDS = {
     "train": cmd_module("course_lib.train"),
     "bench": cmd_bench,
     "gpu": cmd_gpu,
+    "colab": cmd_module("course_tools.colab_setup"),
     "setup": lambda args: (ensure_env(), 0)[1],
 }
 

@@ -71,9 +71,14 @@ def _package_names(requirements):
     return {re.split(r"[<>=!~\[ ;]", r.strip(), maxsplit=1)[0].lower().replace("_", "-") for r in requirements if r.strip()}
 
 
+def _all_requirements(project: dict) -> list[str]:
+    """The library's dependencies and every extra (lab, dev): what course.py installs."""
+    return project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+
+
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = _package_names(project["dependencies"] + project["optional-dependencies"]["dev"])
+    wanted = _package_names(_all_requirements(project))
     lines = (ROOT / "environment.yml").read_text().splitlines()
     deps = lines[lines.index("dependencies:") + 1:]
     entries = [line.strip()[2:] for line in deps if line.strip().startswith("- ") and line.strip() != "- pip:"]
@@ -93,6 +98,49 @@ def test_environment_yml_pins_the_constraints():
 def test_constraints_pin_every_dependency():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pinned = _package_names(l for l in (ROOT / "requirements/constraints.txt").read_text().splitlines() if "==" in l)
-    wanted = _package_names(project["dependencies"] + project["optional-dependencies"]["dev"]) - {"torch"}
+    wanted = _package_names(_all_requirements(project)) - {"torch"}
     assert wanted <= pinned, wanted - pinned
     assert "torch" not in pinned, "torch is installed on its own by course.py (see README)"
+
+
+def test_course_py_installs_the_lab_and_dev_extras():
+    text = (ROOT / "course.py").read_text()
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(extras) == {"lab", "dev"}
+    assert '".[lab,dev]"' in text
+
+
+def _course_py():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("course_entry", ROOT / "course.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lab_allows_root_only_as_root(monkeypatch):
+    course = _course_py()
+    py = Path("/venv/bin/python")
+    monkeypatch.setattr(course.os, "geteuid", lambda: 0, raising=False)
+    cmd = [str(c) for c in course.lab_command(py, [])]
+    assert cmd[1:4] == ["-m", "jupyter", "lab"] and "--allow-root" in cmd
+    assert [str(c) for c in course.lab_command(py, ["--allow-root"])].count("--allow-root") == 1
+    monkeypatch.setattr(course.os, "geteuid", lambda: 1000, raising=False)
+    assert "--allow-root" not in [str(c) for c in course.lab_command(py, ["--port", "9999"])]
+
+
+def test_gpu_names_the_fix_for_a_cpu_only_torch(monkeypatch):
+    course = _course_py()
+
+    def fake_run(cmd, capture_output, text):
+        return type("Done", (), {"stdout": answer})()
+
+    monkeypatch.setattr(course.subprocess, "run", fake_run)
+    answer = "cpu-only 2.13.0+cpu"
+    message = course.cuda_problem(Path("python"))
+    assert "CPU-only torch (2.13.0+cpu)" in message and "pip uninstall -y torch" in message and "COURSE_TORCH=" in message
+    answer = "none 2.13.0+cpu"
+    assert "no NVIDIA GPU" in course.cuda_problem(Path("python"))
+    answer = "cuda 2.13.0+cu130"
+    assert course.cuda_problem(Path("python")) is None

@@ -37,6 +37,7 @@ from jupyter_client.connect import write_connection_file
 
 from course_tools.agent import dumps, loads, to_wire
 from course_tools.checking import ExerciseResult, KernelLost
+from course_tools.colab_setup import is_setup_cell
 from course_tools.grading import notebooks, sandbox
 from course_tools.grading.options import Options
 
@@ -334,6 +335,8 @@ def _run_cells(restored, kernel: Kernel, options: Options, started: float, resul
     seeds = [options.seed + k for k in range(3)]
     for index, cell in enumerate(restored.notebook.cells):
         if cell.cell_type != "code" or str(cell.get("id")) in restored.extra_checkers:
+            continue
+        if is_setup_cell(cell.source):  # the Colab setup cell: nothing to grade, and the grader stays offline
             continue
         left = deadline - time.monotonic()
         if left <= 0:
