@@ -1,63 +1,33 @@
 """The course's ControlNet computes what diffusers' ControlNetModel computes, and its U-Net takes the residuals
 where diffusers' UNet2DConditionModel takes them.
 
-Tiny matching configs on both sides; the course's weights are copied into the diffusers models with a
-key map (``to_diffusers_keys``) and ``load_state_dict(strict=True)``, which already proves the two have
-the same layers with the same shapes. Then, with random (non-zero) weights everywhere, both sides give
-the same residuals, scaled by conditioning_scale in the same way, and the same U-Net output with them.
-One numerical difference is removed by hand: diffusers' Transformer2DModel builds its GroupNorm with
-eps=1e-6, the course's with PyTorch's default 1e-5; the test sets diffusers' to 1e-5.
+The course's weights go into diffusers' classes through ``course_lib.diffusers_weights``
+(``controlnet_to_diffusers``, ``unet_to_diffusers``: the config, the key map ``controlnet_key_map`` and
+``load_state_dict(strict=True)``, which already proves the two have the same layers with the same shapes).
+Then, with random (non-zero) weights everywhere, both sides give the same residuals, scaled by
+conditioning_scale in the same way, and the same U-Net output with them; on the shipped weights too.
+The round trip course -> diffusers -> course gives back the same state dict.
 """
-
-import re
 
 import pytest
 import torch
-from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers import ControlNetModel
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from course_lib.controlnet import ControlNet, MultiControlNet
+from course_lib import diffusers_weights as W
+from course_lib.controlnet import ControlNet, MultiControlNet, load_controlnet
 from course_lib.unet import UNet, UNetConfig
+from course_lib.weights import load_unet
 
 TOL = 1e-5
 CFG = UNetConfig(block_channels=(16, 32), layers_per_block=1, heads=2, context_dim=24, time_embed_dim=64,
-                 norm_groups=8, ff_mult=4)  # diffusers fixes time_embed_dim = 4 * block_channels[0] and ff_mult = 4
+                 norm_groups=8, ff_mult=4)  # ControlNetModel fixes time_embed_dim = 4 * block_channels[0], ff_mult = 4
 COND_CHANNELS = (8, 8, 16, 32)
-DIFFUSERS_COMMON = dict(block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=24, attention_head_dim=2,
-                        norm_num_groups=8, use_linear_projection=True, in_channels=4)  # attention_head_dim = heads (!)
-
-# course name -> diffusers name (applied in order, on dotted state-dict keys)
-KEY_MAP = [
-    (r"^time_embedding\.0\.", "time_embedding.linear_1."),
-    (r"^time_embedding\.2\.", "time_embedding.linear_2."),
-    (r"\.skip\.", ".conv_shortcut."),
-    (r"\.downsampler\.", ".downsamplers.0.conv."),
-    (r"\.upsampler\.", ".upsamplers.0.conv."),
-    (r"^mid_block\.resnet1\.", "mid_block.resnets.0."),
-    (r"^mid_block\.resnet2\.", "mid_block.resnets.1."),
-    (r"^mid_block\.attention\.", "mid_block.attentions.0."),
-    (r"(attentions\.\d+)\.(norm[123]|attn[12])\.", r"\1.transformer_blocks.0.\2."),
-    (r"\.attn([12])\.to_out\.", r".attn\1.to_out.0."),
-    (r"(attentions\.\d+)\.ff\.proj\.", r"\1.transformer_blocks.0.ff.net.0.proj."),
-    (r"(attentions\.\d+)\.ff\.out\.", r"\1.transformer_blocks.0.ff.net.2."),
-]
 
 
-def to_diffusers_keys(state: dict) -> dict:
-    out = {}
-    for key, value in state.items():
-        for pattern, repl in KEY_MAP:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    return out
-
-
-def _same_group_norm_eps(model):
-    for m in model.modules():
-        if isinstance(m, Transformer2DModel):
-            m.norm.eps = 1e-5
-    return model
+def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,13 +44,7 @@ def models():
             p.normal_(0, 0.2)
         for p in net.down_blocks.parameters():
             p.add_(0.05 * torch.randn_like(p))  # the copy drifts from the base, as training makes it
-    d_unet = UNet2DConditionModel(sample_size=8, out_channels=4, down_block_types=("CrossAttnDownBlock2D",) * 2,
-                                  up_block_types=("CrossAttnUpBlock2D",) * 2, **DIFFUSERS_COMMON).eval()
-    d_net = ControlNetModel(down_block_types=("CrossAttnDownBlock2D",) * 2, conditioning_channels=1,
-                            conditioning_embedding_out_channels=COND_CHANNELS, **DIFFUSERS_COMMON).eval()
-    d_unet.load_state_dict(to_diffusers_keys(unet.state_dict()), strict=True)
-    d_net.load_state_dict(to_diffusers_keys(net.state_dict()), strict=True)
-    return unet, net, _same_group_norm_eps(d_unet), _same_group_norm_eps(d_net)
+    return unet, net, W.unet_to_diffusers(unet), W.controlnet_to_diffusers(net)
 
 
 def _inputs(seed=1, b=2):
@@ -169,14 +133,12 @@ def test_residuals_change_only_the_skips_not_the_down_path(models):
 def test_zero_initialised_controlnets_give_zero_residuals_on_both_sides():
     torch.manual_seed(3)
     unet = UNet(CFG).eval()
-    d_unet = UNet2DConditionModel(sample_size=8, out_channels=4, down_block_types=("CrossAttnDownBlock2D",) * 2,
-                                  up_block_types=("CrossAttnUpBlock2D",) * 2, **DIFFUSERS_COMMON).eval()
-    d_unet.load_state_dict(to_diffusers_keys(unet.state_dict()))
+    d_unet = W.unet_to_diffusers(unet)
     ours = ControlNet.from_unet(unet, conditioning_block_channels=COND_CHANNELS).eval()
     theirs = ControlNetModel.from_unet(d_unet, conditioning_channels=1,
                                        conditioning_embedding_out_channels=COND_CHANNELS).eval()
     # from_unet copies the same encoder weights on both sides
-    mine = to_diffusers_keys(ours.state_dict())
+    mine = W.rename_state_dict(ours.state_dict(), W.controlnet_key_map(ours.config), "ControlNet")
     for key, value in theirs.state_dict().items():
         if not key.startswith("controlnet_"):
             assert torch.equal(mine[key], value), key
@@ -199,3 +161,46 @@ def test_several_controls_sum_with_their_own_scales_like_multicontrolnetmodel(mo
     for ours, theirs in zip(down, d_down):
         torch.testing.assert_close(ours, theirs, atol=TOL, rtol=TOL)
     torch.testing.assert_close(mid, d_mid, atol=TOL, rtol=TOL)
+
+
+@torch.no_grad()
+def test_round_trip_is_exact_both_ways(models):
+    _, net, _, d_net = models
+    back = W.controlnet_from_diffusers(d_net)
+    assert back.config == net.config and same_state(back, net)
+    assert same_state(W.controlnet_to_diffusers(back), d_net)
+    rows = W.controlnet_key_map(net.config)
+    assert set(rows) == {k.rpartition(".")[0] for k in net.state_dict()}  # one row per module with weights
+    assert rows["controlnet_mid_block"] == "controlnet_mid_block" and rows["time_embedding.2"] == "time_embedding.linear_2"
+
+
+@torch.no_grad()
+def test_shipped_weights_same_residuals_and_same_controlled_eps():
+    unet, net = load_unet().eval(), load_controlnet().eval()
+    d_unet, d_net = W.unet_to_diffusers(unet), W.controlnet_to_diffusers(net)
+    g = torch.Generator().manual_seed(7)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([700, 120])
+    ctx = torch.randn(2, 9, unet.config.context_dim, generator=g)
+    cond = (torch.rand(2, 1, 64, 64, generator=g) < 0.1).float()
+    down, mid = net(x, t, ctx, cond, conditioning_scale=0.9)
+    d_down, d_mid = d_net(x, t, encoder_hidden_states=ctx, controlnet_cond=cond, conditioning_scale=0.9,
+                          return_dict=False)
+    assert mid.abs().max() > 1e-3  # trained zero convs: no longer zero
+    for ours, theirs in zip(down, d_down, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=TOL, rtol=0)
+    torch.testing.assert_close(mid, d_mid, atol=TOL, rtol=0)
+    eps = unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    d_eps = d_unet(x, t, encoder_hidden_states=ctx, down_block_additional_residuals=tuple(d_down),
+                   mid_block_additional_residual=d_mid).sample
+    torch.testing.assert_close(eps, d_eps, atol=TOL, rtol=0)
+    back = W.controlnet_from_diffusers(d_net)
+    assert back.config == net.config and same_state(back, net)
+
+
+def test_what_has_no_counterpart_is_refused_clearly():
+    odd = ControlNet.from_unet(UNet(UNetConfig(block_channels=(16, 32), heads=2, context_dim=24, time_embed_dim=48)))
+    with pytest.raises(ValueError, match=r"4 \* block_channels"):
+        W.controlnet_to_diffusers(odd)
+    config = dict(W.controlnet_diffusers_config(ControlNet.from_unet(UNet(CFG)).config), global_pool_conditions=True)
+    with pytest.raises(ValueError, match="global_pool_conditions"):
+        W.controlnet_config_from_diffusers(config)
