@@ -41,10 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 from course_lib import data, edges  # noqa: E402
 from course_lib.controlnet import generate_with_control, load_controlnet  # noqa: E402
-from course_lib.controlnet_train import EDGE_TOLERANCE, _subset, control_metrics  # noqa: E402
-from course_lib.evaluator import prompt_adherence  # noqa: E402
-from course_lib.tiny_sd import load_evaluator, load_tiny_sd  # noqa: E402
-from course_lib.train import reconstruct  # noqa: E402
+from course_lib.evaluator import load_evaluator, prompt_adherence  # noqa: E402
+from course_lib.metrics import EDGE_TOLERANCE, control_metrics, reconstruct, subset  # noqa: E402
+from course_lib.tiny_sd import load_tiny_sd  # noqa: E402
 
 BARS = {"edge_f1_with_control": 0.70, "max_adherence_drop": 0.05}
 PHOTOS = {  # photograph -> a prompt for it (the tiny SD only knows shapes: the control decides the layout)
@@ -82,7 +81,7 @@ def sweep(pipe, net, scenes, evaluator, steps, guidance, seed, values, kind) -> 
         im = generate_with_control(pipe, scenes.captions, control, net, num_steps=steps, guidance_scale=guidance,
                                    latents=noise, generator=torch.Generator().manual_seed(seed), **kw)
         rows.append({kind: v, "edge_f1_canny": f1_of(im, scenes.edges),
-                     "prompt_adherence": prompt_adherence(evaluator, im, scenes.captions)["adherence"]})
+                     "prompt_adherence": prompt_adherence(im, scenes.captions, evaluator)["adherence"]})
     return rows
 
 
@@ -148,7 +147,7 @@ def save_samples(pipe, net, scenes, steps, guidance, seed, photo, combo, path):
     import matplotlib.pyplot as plt
 
     k = min(8, len(scenes))  # the first held-out scenes, not picked
-    sub = _subset(scenes, k)
+    sub = subset(scenes, k)
     noise = torch.randn(k, 4, 8, 8, generator=torch.Generator().manual_seed(seed + 5))
     kw = dict(num_steps=steps, guidance_scale=guidance, latents=noise)
     with_c = generate_with_control(pipe, sub.captions, edges.to_control(sub.edges), net,
@@ -243,7 +242,7 @@ def main(argv=None):
     pipe, evaluator = load_tiny_sd(weights_dir=args.weights), load_evaluator(weights_dir=args.weights)
     net = load_controlnet(weights_dir=args.weights)
     heldout = data.generate(2000, seed=0, split="heldout")  # the held-out scenes of the training command (data seed 0)
-    scenes = _subset(heldout, args.n)
+    scenes = subset(heldout, args.n)
     card = net.card
     print(f"# Edge ControlNet benchmark: {len(scenes)} held-out scenes, DDIM {args.steps} steps, guidance "
           f"{args.guidance:g}, torch threads {torch.get_num_threads()}\n")
@@ -282,7 +281,7 @@ def main(argv=None):
     for what, value, bar, ok in bars:
         print(f"| {what} | {pct(value)} | {bar} | {'PASS' if ok else 'FAIL'} |")
 
-    sweep_scenes = _subset(heldout, args.n_sweep)
+    sweep_scenes = subset(heldout, args.n_sweep)
     scale_rows = sweep(pipe, net, sweep_scenes, evaluator, args.steps, args.guidance, args.seed,
                        [0.0, 0.25, 0.5, 0.75, 1.0, 1.5], "scale")
     end_rows = sweep(pipe, net, sweep_scenes, evaluator, args.steps, args.guidance, args.seed,

@@ -12,7 +12,7 @@ and scale, the fewest steps from which adherence stays within 2 points of that s
 adherence. Output: a table on stdout, and adherence.json, adherence.csv, adherence.png in --out
 (assets/bench_sampler_adherence/ by default, the figures the README quotes).
 
-It needs `course_lib.tiny_sd` (load_tiny_sd, load_evaluator, prompt_adherence) and the shipped weights;
+It needs the shipped weights (`course_lib.tiny_sd.load_tiny_sd`, `course_lib.evaluator.load_evaluator`);
 without them it exits with a message saying so. The default spacing is "trailing", which starts at the
 last training timestep: with SD 1.x's "leading" spacing a 1-step sampler starts at t = 1 and cannot
 denoise anything (Lin et al. 2023), which would measure the spacing rather than the samplers.
@@ -42,22 +42,16 @@ WITHIN = 0.02  # "within 2 points" of the 50-step adherence
 
 def load_or_exit(device, unet="unet"):
     """The tiny SD pipeline, its evaluator and the adherence function, or a clear exit."""
+    from course_lib.evaluator import load_evaluator, prompt_adherence
+    from course_lib.tiny_sd import load_tiny_sd
+
     try:
-        from course_lib import tiny_sd
-    except ImportError as err:
-        raise SystemExit(f"course_lib.tiny_sd is not available yet ({err}); this benchmark needs the course's "
-                         "tiny Stable Diffusion. Run it again once tiny_sd.py and its weights are in the repo.")
-    missing = [name for name in ("load_tiny_sd", "load_evaluator", "prompt_adherence") if not hasattr(tiny_sd, name)]
-    if missing:
-        raise SystemExit(f"course_lib.tiny_sd lacks {missing}; this benchmark expects load_tiny_sd(), "
-                         "load_evaluator() and prompt_adherence(images, captions, evaluator).")
-    try:
-        pipe = tiny_sd.load_tiny_sd(device=device, unet=unet)
-        evaluator = tiny_sd.load_evaluator(device=device)
+        pipe = load_tiny_sd(device=device, unet=unet)
+        evaluator = load_evaluator(device=device)
     except (FileNotFoundError, OSError, ValueError, KeyError) as err:
         raise SystemExit(f"the tiny SD weights could not be loaded ({type(err).__name__}: {err}). "
                          "Train them with the course's training command (see weights/ and the README).")
-    return pipe, evaluator, tiny_sd.prompt_adherence
+    return pipe, evaluator, prompt_adherence
 
 
 @torch.no_grad()

@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from course_lib import data  # noqa: E402
-from course_lib.evaluator import prompt_adherence  # noqa: E402
-from course_lib.tiny_sd import load_evaluator, load_tiny_sd  # noqa: E402
+from course_lib.evaluator import load_evaluator, prompt_adherence  # noqa: E402
+from course_lib.tiny_sd import load_tiny_sd  # noqa: E402
 
 BARS = {"single_object_best": 0.95}
 GRID_PROMPTS = [
@@ -75,7 +75,7 @@ def binding(evaluator, images, captions):
 def component_bars(pipe, evaluator, n, seed, figure_path):
     """Re-measure the VAE, CLIP and evaluator bars on fresh held-out scenes (not the ones in the cards)."""
     from course_lib.evaluator import agreement, attribute_accuracy
-    from course_lib.train import clip_metrics, reconstruct, ssim
+    from course_lib.metrics import clip_metrics, reconstruct, ssim
     from course_lib.vae import psnr
 
     scenes = data.generate(max(n, 256), seed=seed + 2, split="heldout")
@@ -235,7 +235,7 @@ def main(argv=None):
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for w in scales:
-        r = prompt_adherence(evaluator, generate_all(pipe, single, w, args.steps, args.sampler, args.seed), single)
+        r = prompt_adherence(generate_all(pipe, single, w, args.steps, args.sampler, args.seed), single, evaluator)
         pa = r["per_attribute"]
         rows.append({"scale": w, "adherence": r["adherence"], "per_attribute": pa, "extra_objects": r["extra_objects"]})
         print(f"| {w:g} | {100 * r['adherence']:.1f}% | " + " | ".join(f"{100 * pa[k]:.1f}%" for k in
@@ -251,7 +251,7 @@ def main(argv=None):
         print("| guidance | adherence | position | shape | colour | size | background | extra objects |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|")
         for w in scales:
-            r = prompt_adherence(evaluator, generate_all(early, single, w, args.steps, args.sampler, args.seed), single)
+            r = prompt_adherence(generate_all(early, single, w, args.steps, args.sampler, args.seed), single, evaluator)
             pa = r["per_attribute"]
             early_rows.append({"scale": w, "adherence": r["adherence"], "per_attribute": pa,
                                "extra_objects": r["extra_objects"]})
@@ -265,7 +265,7 @@ def main(argv=None):
     two_rows = []
     for w in scales:
         images = generate_all(pipe, two, w, args.steps, args.sampler, args.seed + 1)
-        r = prompt_adherence(evaluator, images, two)
+        r = prompt_adherence(images, two, evaluator)
         pa = r["per_attribute"]
         two_rows.append({"scale": w, "adherence": r["adherence"], "per_attribute": pa,
                          "colour_swapped": binding(evaluator, images, two)})

@@ -45,7 +45,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .unet import DownBlock, MidBlock, UNet, UNetConfig, timestep_embedding
+from .unet import MidBlock, UNet, UNetConfig, down_blocks, embed_time, run_down_blocks, skip_channels, time_embedding_mlp
 
 ENCODER_PARTS = ("time_embedding", "conv_in", "down_blocks", "mid_block")  # what ControlNet copies from the U-Net
 
@@ -119,17 +119,14 @@ class ControlNet(nn.Module):
         self.config = cfg = config or ControlNetConfig()
         u = cfg.unet
         ch = u.block_channels
-        # The trainable copy: the same layers as UNet's encoder half (from_unet overwrites them with copies).
-        self.time_embedding = nn.Sequential(nn.Linear(ch[0], u.time_embed_dim), nn.SiLU(),
-                                            nn.Linear(u.time_embed_dim, u.time_embed_dim))
+        # The trainable copy: UNet's encoder half, built by the same functions of unet.py and so with the
+        # same parameter names (from_unet overwrites them with copies). The order of construction is the
+        # order of random initialisation: keep it, or retrained weights change.
+        self.time_embedding = time_embedding_mlp(u)
         self.conv_in = nn.Conv2d(u.in_channels, ch[0], 3, padding=1)
         self.controlnet_cond_embedding = ConditioningEncoder(cfg.conditioning_channels,
                                                              cfg.conditioning_block_channels, ch[0])
-        self.down_blocks = nn.ModuleList()
-        cin = ch[0]
-        for i, c in enumerate(ch):
-            self.down_blocks.append(DownBlock(cin, c, u, u.attention[i], downsample=i < len(ch) - 1))
-            cin = c
+        self.down_blocks = down_blocks(u)
         self.mid_block = MidBlock(ch[-1], u)
         # The zero convolutions: one per skip connection of the U-Net, one after the middle block.
         self.controlnet_down_blocks = nn.ModuleList(zero_conv(c) for c in skip_channels(u))
@@ -179,30 +176,14 @@ class ControlNet(nn.Module):
             raise ValueError(f"encoder_hidden_states must be (B={b}, L, {u.context_dim}), got "
                              f"{tuple(encoder_hidden_states.shape)}")
         context = encoder_hidden_states.to(sample.dtype)
-        t = torch.as_tensor(timestep, device=sample.device)
-        t = t.expand(b) if t.dim() == 0 else t
-        if t.shape != (b,):
-            raise ValueError(f"timestep must be a scalar or shape ({b},), got {tuple(t.shape)}")
-        temb = self.time_embedding(timestep_embedding(t, u.block_channels[0]).to(sample.dtype))  # (B, time_embed_dim)
+        temb = embed_time(self.time_embedding, timestep, b, sample)  # (B, time_embed_dim), as in the U-Net
 
         x = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond.to(sample.dtype))  # (B, C0, h, w)
-        skips = [x]
-        for block in self.down_blocks:
-            x, s = block(x, temb, context)
-            skips += s
+        x, skips = run_down_blocks(self.down_blocks, x, temb, context)  # the U-Net's down path, on the copy
         x = self.mid_block(x, temb, context)  # (B, C_last, h', w'): the lowest resolution
         down = [zc(s) * conditioning_scale for zc, s in zip(self.controlnet_down_blocks, skips)]
         mid = self.controlnet_mid_block(x) * conditioning_scale
         return down, mid
-
-
-def skip_channels(config: UNetConfig) -> list[int]:
-    """Channels of the U-Net's skip connections for ``config`` (``UNet.skip_channels`` without building one)."""
-    ch, n = config.block_channels, config.layers_per_block
-    out = [ch[0]]
-    for i, c in enumerate(ch):
-        out += [c] * n + ([c] if i < len(ch) - 1 else [])
-    return out
 
 
 def sum_residuals(residuals: Sequence[tuple[list[torch.Tensor], torch.Tensor]]) -> tuple[list[torch.Tensor], torch.Tensor]:

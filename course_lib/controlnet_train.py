@@ -25,27 +25,25 @@ within ~200 steps to ~0.99 (the paper's "sudden convergence"); the card's ``edge
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from . import data, edges
-from .clip import CLIP, Tokenizer
-from .controlnet import ControlNet, ControlNetConfig, generate_with_control
+from .clip import CLIP
+from .controlnet import ControlNet, ControlNetConfig
+from .evaluator import load_evaluator
+from .metrics import control_metrics, quick_edge_f1, subset
 from .schedules import sd_schedule
 from .train import DataSettings, EncodedScenes, LossLog, batches, lr_at, min_snr_loss, optimiser_step
 from .unet import UNet
 from .vae import VAE
-from .weights import WEIGHTS_DIR, library_versions, load_clip, load_evaluator, load_unet, load_vae, read_card, save_model
-
-EDGE_TOLERANCE = 1  # pixels (chessboard distance): a generated edge within the 3x3 neighbourhood of a control edge matches
-EDGE_SIGMA = 1.0  # Canny blur used to read the edges of generated images
-
+from .weights import WEIGHTS_DIR, library_versions, load_clip, load_unet, load_vae, read_card, save_model
 
 @dataclass
 class ControlNetTraining:
@@ -68,74 +66,18 @@ def quick_training() -> ControlNetTraining:
     return ControlNetTraining(steps=5, batch_size=8, n_scenes=256, n_canny=32, eval_scenes=4, curve_every=0)
 
 
-@torch.no_grad()
-def control_metrics(pipe, controlnet: ControlNet, heldout: data.Scenes, evaluator=None, conditioning_scale: float = 1.0,
-                    num_steps: int = 20, guidance_scale: float = 5.0, seed: int = 0, batch: int = 64,
-                    controls: torch.Tensor | None = None, with_baseline: bool = True) -> dict:
-    """Generate every held-out caption with its own edges as control, and without control; score both.
-
-    The same starting noise for both, so the only difference is the control. Edge adherence:
-    ``edges.edge_f1`` between the control and the Canny edges of the generated image (tolerance
-    EDGE_TOLERANCE px), and the same with the data set's own edge definition
-    (``edges.quantised_edges``). Prompt adherence: ``evaluator.prompt_adherence``.
-    controls: the control images to use (default: the scenes' own edge maps).
-    with_baseline: also generate without control (the "without_control" entry).
-    """
-    from .evaluator import prompt_adherence
-
-    captions = heldout.captions
-    control_edges = heldout.edges if controls is None else controls
-    noise = torch.randn(len(captions), 4, 8, 8, generator=torch.Generator().manual_seed(seed))
-    with_c, without = [], []
-    for s in range(0, len(captions), batch):
-        kw = dict(num_steps=num_steps, guidance_scale=guidance_scale, latents=noise[s:s + batch],
-                  generator=torch.Generator().manual_seed(seed + s))
-        with_c.append(generate_with_control(pipe, captions[s:s + batch], edges.to_control(control_edges[s:s + batch]),
-                                            controlnet, conditioning_scale=conditioning_scale, **kw))
-        if with_baseline:
-            without.append(pipe.generate(captions[s:s + batch], **kw))
-    images = {"with_control": torch.cat(with_c)}
-    if with_baseline:
-        images["without_control"] = torch.cat(without)
-    out = {}
-    for name, im in images.items():
-        canny = edges.canny_edges(im, sigma=EDGE_SIGMA)
-        row = {"edge_f1_canny": edges.edge_f1(canny, heldout.edges, EDGE_TOLERANCE)["f1"].mean().item(),
-               "edge_f1_canny_tol2": edges.edge_f1(canny, heldout.edges, 2)["f1"].mean().item(),
-               "edge_f1_quantised": edges.edge_f1(edges.quantised_edges(im), heldout.edges,
-                                                  EDGE_TOLERANCE)["f1"].mean().item()}
-        if evaluator is not None:
-            row["prompt_adherence"] = prompt_adherence(evaluator, im, captions)["adherence"]
-        out[name] = row
-    out["settings"] = {"n_scenes": len(captions), "conditioning_scale": conditioning_scale, "num_steps": num_steps,
-                       "sampler": "ddim", "guidance_scale": guidance_scale, "seed": seed,
-                       "edge_tolerance_px": EDGE_TOLERANCE, "edge_reader": f"edges.canny_edges(sigma={EDGE_SIGMA})"}
-    return out
-
-
-@torch.no_grad()
-def quick_edge_f1(pipe, controlnet: ControlNet, scenes: data.Scenes, num_steps: int = 10, seed: int = 0) -> float:
-    """Mean edge F1 (Canny of the image vs the control, EDGE_TOLERANCE px) of ``scenes`` generated with their edges."""
-    images = generate_with_control(pipe, scenes.captions, edges.to_control(scenes.edges), controlnet,
-                                   num_steps=num_steps, generator=torch.Generator().manual_seed(seed))
-    return edges.edge_f1(edges.canny_edges(images, sigma=EDGE_SIGMA), scenes.edges, EDGE_TOLERANCE)["f1"].mean().item()
-
-
-def _pipe(vae: VAE, clip: CLIP, unet: UNet):
-    from .tiny_sd import TinySD
-
-    return TinySD(vae=vae, clip=clip, unet=unet, tokenizer=Tokenizer(clip.config.context_length), schedule=sd_schedule())
-
-
 def train_controlnet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings = DataSettings(),
                      tc: ControlNetTraining | None = None, config: ControlNetConfig | None = None,
                      out_dir: str | Path = WEIGHTS_DIR, device="cpu", vae: VAE | None = None, clip: CLIP | None = None,
-                     unet: UNet | None = None, quiet: bool = False) -> ControlNet:
+                     unet: UNet | None = None, quiet: bool = False,
+                     pipeline: Callable[[VAE, CLIP, UNet], Any] | None = None) -> ControlNet:
     """Train a ControlNet on the scenes' edge maps against the frozen U-Net in ``out_dir``; save it there.
 
     config: only ``conditioning_channels`` and ``conditioning_block_channels`` are used; the
     encoder copy always takes the U-Net's own layout and weights (``ControlNet.from_unet``).
     Writes ``controlnet.safetensors`` and its model card ``controlnet.json``.
+    pipeline: builds a generating pipeline from (vae, clip, unet), e.g. ``tiny_sd.TinySD.from_models``;
+    with it the model card gets the edge-F1 learning curve and the held-out edge and adherence check.
     """
     from tqdm.auto import tqdm
 
@@ -163,8 +105,8 @@ def train_controlnet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSe
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=0.0)
     log = LossLog()
     curve_s = 0.0
-    pipe = _pipe(vae, clip, unet)
-    curve_set = _subset(heldout, tc.curve_scenes)
+    pipe = pipeline(vae, clip, unet) if pipeline is not None else None
+    curve_set = subset(heldout, tc.curve_scenes)
     curve = []  # (step, edge F1 with control): ControlNets are known to "suddenly" start following the control
     with tqdm(total=tc.steps, desc="train controlnet", disable=quiet, mininterval=2.0) as bar:
         for step, idx in enumerate(batches(n, tc.batch_size, tc.steps, gi)):
@@ -182,7 +124,7 @@ def train_controlnet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSe
             log.add(loss.item())
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            if tc.curve_every and ((step + 1) % tc.curve_every == 0 or step + 1 == tc.steps):
+            if pipe is not None and tc.curve_every and ((step + 1) % tc.curve_every == 0 or step + 1 == tc.steps):
                 t_curve = time.time()
                 curve.append({"step": step + 1, "edge_f1_canny": quick_edge_f1(pipe, net.eval(), curve_set)})
                 net.train()
@@ -193,9 +135,9 @@ def train_controlnet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSe
     net.eval().requires_grad_(False)
 
     metrics = {}
-    if tc.eval_scenes:
+    if pipe is not None and tc.eval_scenes:
         evaluator = load_evaluator(out_dir, device=device) if (Path(out_dir) / "evaluator.json").exists() else None
-        sub = _subset(heldout, tc.eval_scenes)
+        sub = subset(heldout, tc.eval_scenes)
         metrics = control_metrics(pipe, net, sub, evaluator, batch=tc.eval_scenes)
         metrics["full_benchmark"] = "benchmarks/bench_controlnet.py --update-card adds the full held-out measurement"
     card = {"data": dataclasses.asdict(data_cfg), "training": dataclasses.asdict(tc), "steps": tc.steps,
@@ -221,36 +163,8 @@ def _card_sha(out_dir, name: str) -> str | None:
         return None
 
 
-def _subset(scenes: data.Scenes, n: int) -> data.Scenes:
-    """The first ``n`` scenes."""
-    n = min(n, len(scenes))
-    fields = {f.name: getattr(scenes, f.name) for f in dataclasses.fields(scenes)}
-    return data.Scenes(**{k: (v[:n]) for k, v in fields.items()})
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train the edge ControlNet on the frozen tiny Stable Diffusion.")
-    parser.add_argument("--quick", action="store_true", help="a few steps, written to runs/quick/ (needs models there: "
-                        "python -m course_lib.train --quick)")
-    parser.add_argument("--out", default=None, help="folder with vae/clip/unet weights; the ControlNet is written there "
-                        "(default: weights/, or runs/quick/ with --quick)")
-    parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: ControlNetTraining.steps)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    out = Path(args.out) if args.out else (Path("runs/quick") if args.quick else WEIGHTS_DIR)
-    tc = quick_training() if args.quick else ControlNetTraining()
-    if args.steps is not None:
-        tc = dataclasses.replace(tc, steps=args.steps)
-    dc = DataSettings(n_train=512, n_heldout=128) if args.quick else DataSettings()
-    t0 = time.time()
-    scenes = data.generate(dc.n_train, seed=dc.seed, split="train")  # the same scenes as python -m course_lib.train
-    heldout = data.generate(dc.n_heldout, seed=dc.seed, split="heldout")
-    train_controlnet(scenes, heldout, dc, tc, out_dir=out, device=args.device, quiet=args.quiet)
-    print(f"controlnet: trained in {time.time() - t0:.0f}s -> {out / 'controlnet'}.safetensors")
-
-
 if __name__ == "__main__":
-    main()
+    # The command lives in build_weights.py, beside the one for the other models (see course_lib/train.py).
+    from .build_weights import controlnet_main
+
+    controlnet_main()

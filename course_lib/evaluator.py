@@ -23,12 +23,14 @@ Output layout per image (logits)::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .data import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scenes, parse_caption
+from .weights import load_model
 
 NP = len(POSITIONS)
 HEADS = {"shape": SHAPES, "colour": COLOURS, "size": SIZES}  # per-position categorical heads
@@ -165,11 +167,22 @@ def agreement(evaluator: Evaluator, images_a: torch.Tensor, images_b: torch.Tens
     return out
 
 
-@torch.no_grad()
-def prompt_adherence(evaluator: Evaluator, images: torch.Tensor, captions: list[str]) -> dict:
-    """Score generated ``images`` against the ``captions`` they were generated from.
+def load_evaluator(weights_dir: str | Path | None = None, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> Evaluator:
+    """The course's trained attribute classifier (``weights/evaluator.*``; safetensors, nothing unpickled).
 
-    Returns a dict:
+    The same arguments, in the same order, as ``weights.load_vae`` and the other loaders:
+    ``load_evaluator(device=device)`` in the lessons.
+    """
+    return load_model("evaluator", EvaluatorConfig, Evaluator, weights_dir, device, dtype)
+
+
+@torch.no_grad()
+def prompt_adherence(images: torch.Tensor, captions: list[str], evaluator: Evaluator) -> dict:
+    """Score generated ``images`` (B, 3, 64, 64) in [-1, 1] against the ``captions`` they were generated from.
+
+    ``evaluator``: ``load_evaluator()``. The images are moved to its device and dtype (a float16
+    pipeline's images are scored like any other). Returns a dict:
       ``adherence``: fraction of images whose every captioned attribute is confirmed;
       ``per_attribute``: fraction of captioned objects whose position is occupied ("position") and,
       separately, whose shape / colour / size is read correctly at that position; "background"
@@ -177,9 +190,13 @@ def prompt_adherence(evaluator: Evaluator, images: torch.Tensor, captions: list[
       ``extra_objects``: fraction of images with an object where the caption put none;
       ``confirmed``: the per-image booleans (list), ``n``: number of images.
     """
+    if not isinstance(evaluator, Evaluator):
+        raise ValueError(f"prompt_adherence(images, captions, evaluator) needs the Evaluator third "
+                         f"(load_evaluator() gives it), got {type(evaluator).__name__}")
     if images.shape[0] != len(captions):
         raise ValueError(f"got {images.shape[0]} images but {len(captions)} captions")
-    pred = {k: v.cpu() for k, v in evaluator.predict(images).items()}
+    p = next(evaluator.parameters())
+    pred = {k: v.cpu() for k, v in evaluator.predict(images.to(p.device, p.dtype)).items()}
     counts = {k: [0, 0] for k in ("position", "shape", "colour", "size", "background")}  # [right, total]
     confirmed, extra = [], 0
     for b, text in enumerate(captions):

@@ -17,11 +17,12 @@ The guided model works for epsilon- and v-prediction alike: guidance mixes model
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-Model = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+from .samplers import Model  # the samplers' model signature: model(x, t, cond) -> prediction
+
 
 
 def _per_sample(scale: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:

@@ -24,15 +24,12 @@ from typing import Callable, Literal
 import torch
 
 from .clip import CLIP, Tokenizer
-from .evaluator import Evaluator
-from .evaluator import prompt_adherence as _adherence
 from .guidance import guided_model
 from .samplers import SAMPLERS, sample
 from .schedules import SPACINGS, NoiseSchedule, Spacing, make_timesteps, sd_schedule
 from .unet import UNet
 from .vae import VAE
 from .weights import load_clip, load_unet, load_vae
-from .weights import load_evaluator as _load_evaluator
 
 # benchmarks/bench_tiny_sd.py: one-object adherence is ~100% for any scale from 2 to 10; the early U-Net and
 # two-object prompts do best at 3. SD 1.5's default is 7.5 (its text conditioning is far weaker than ours).
@@ -48,6 +45,12 @@ class TinySD:
     unet: UNet
     tokenizer: Tokenizer
     schedule: NoiseSchedule
+
+    @classmethod
+    def from_models(cls, vae: VAE, clip: CLIP, unet: UNet) -> "TinySD":
+        """The pipeline around models already in memory (the training scripts' freshly trained ones),
+        with CLIP's tokeniser and SD's noise schedule."""
+        return cls(vae=vae, clip=clip, unet=unet, tokenizer=Tokenizer(clip.config.context_length), schedule=sd_schedule())
 
     @property
     def device(self) -> torch.device:
@@ -146,18 +149,4 @@ def load_tiny_sd(device: torch.device | str | None = None, dtype: torch.dtype | 
     if unet.config.context_dim != clip.config.width:
         raise ValueError(f"the U-Net expects text states of width {unet.config.context_dim} but the text tower "
                          f"gives {clip.config.width}: the weight files come from different training runs")
-    return TinySD(vae=vae, clip=clip, unet=unet, tokenizer=Tokenizer(clip.config.context_length), schedule=sd_schedule())
-
-
-def load_evaluator(device: torch.device | str | None = None, weights_dir: str | Path | None = None) -> Evaluator:
-    """The attribute classifier that checks generated images against their prompts."""
-    return _load_evaluator(weights_dir, device)
-
-
-def prompt_adherence(images: torch.Tensor, captions: list[str], evaluator: Evaluator | None = None) -> dict:
-    """Fraction of images whose every captioned attribute the evaluator confirms, overall and per attribute.
-
-    See ``evaluator.prompt_adherence`` for the keys. Loads the shipped evaluator if none is given.
-    """
-    evaluator = evaluator if evaluator is not None else load_evaluator(images.device)
-    return _adherence(evaluator, images.float(), captions)
+    return TinySD.from_models(vae, clip, unet)

@@ -16,25 +16,25 @@ on a GPU unchanged (``--device cuda``); timings in the cards say where each mode
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
 from . import data
 from .clip import CLIP, CLIPConfig, Tokenizer, contrastive_loss
-from .evaluator import Evaluator, EvaluatorConfig, agreement, attribute_accuracy, loss_fn, targets
+from .evaluator import Evaluator, EvaluatorConfig, attribute_accuracy, load_evaluator, loss_fn, targets
+from .metrics import clip_metrics, unet_metrics, vae_metrics
 from .schedules import add_noise, sd_schedule
 from .unet import UNet, UNetConfig
-from .vae import VAE, VAEConfig, compute_scaling_factor, psnr
-from .weights import WEIGHTS_DIR, library_versions, load_clip, load_evaluator, load_vae, save_model
+from .vae import VAE, VAEConfig, compute_scaling_factor
+from .weights import WEIGHTS_DIR, library_versions, load_clip, load_vae, save_model
 
 MODELS = ("evaluator", "vae", "clip", "unet", "controlnet")  # in training order: each may use the ones before
 
@@ -204,33 +204,6 @@ def train_evaluator(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSet
 
 # --- 2. The VAE. --------------------------------------------------------------------------------------
 
-def ssim(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean SSIM (skimage.metrics.structural_similarity) of two image batches in [-1, 1]."""
-    from skimage.metrics import structural_similarity
-
-    a = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().double().numpy()  # (B, H, W, 3) in [0, 1]
-    b = ((y.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().double().numpy()
-    return float(sum(structural_similarity(p, q, channel_axis=2, data_range=1.0) for p, q in zip(a, b)) / len(a))
-
-
-@torch.no_grad()
-def reconstruct(vae: VAE, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Encode to the posterior mean and decode: the reconstruction lesson 1 shows."""
-    return torch.cat([vae.decode(vae.encode(images[i:i + batch_size]).mode())
-                      for i in range(0, images.shape[0], batch_size)])
-
-
-def vae_metrics(vae: VAE, heldout: data.Scenes, evaluator: Evaluator | None, device="cpu") -> dict:
-    """PSNR and SSIM of held-out reconstructions, and whether the evaluator reads the same attributes."""
-    x = heldout.images_float().to(device)
-    r = reconstruct(vae, x)
-    out = {"psnr_db": psnr(r, x).mean().item(), "ssim": ssim(r, x), "n_heldout": len(heldout)}
-    if evaluator is not None:
-        out["evaluator_agreement"] = agreement(evaluator, x, r)
-        out["evaluator_accuracy_on_reconstructions"] = attribute_accuracy(evaluator, r, heldout)
-    return out
-
-
 def object_crops(scenes: data.Scenes, idx: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
     """A ``size`` x ``size`` crop of each scene around one of its objects, aligned to the 8-pixel latent grid.
 
@@ -287,62 +260,6 @@ def train_vae(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings 
 
 
 # --- 3. CLIP. -----------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def clip_metrics(clip: CLIP, heldout: data.Scenes, device="cpu", batch: int = 64) -> dict:
-    """Zero-shot caption retrieval on batches of ``batch`` held-out pairs, and per-attribute zero-shot accuracy.
-
-    Retrieval (image -> caption, top-1) is reported two ways: ``strict`` counts only the image's own
-    caption; ``top1`` also accepts a caption that describes the image equally well (another scene
-    with the same objects: the two captions cannot be told apart from the picture).
-    Per-attribute: on one-object scenes, the true caption competes with the captions that change
-    only that attribute (e.g. colour: 5 captions), the way CLIP is used as a zero-shot classifier.
-    """
-    tok = Tokenizer(clip.config.context_length)
-    n = (len(heldout) // batch) * batch
-    strict = semantic = t2i = 0
-    all_images = heldout.images_float()
-    for s in range(0, n, batch):
-        images = all_images[s:s + batch].to(device)
-        caps = heldout.captions[s:s + batch]
-        sims = clip.encode_image(images) @ clip.encode_text(tok(caps).to(device)).T  # (batch, batch)
-        best = sims.argmax(dim=1).cpu()
-        strict += (best == torch.arange(batch)).sum().item()
-        t2i += (sims.argmax(dim=0).cpu() == torch.arange(batch)).sum().item()
-        for i, j in enumerate(best.tolist()):
-            semantic += _describes(data.parse_caption(caps[j]), heldout.attributes(s + i))
-    out = {"retrieval_batch": batch, "n_batches": n // batch, "image_to_text_top1": semantic / n,
-           "image_to_text_top1_strict": strict / n, "text_to_image_top1_strict": t2i / n}
-    out["per_attribute_zero_shot"] = _attribute_zero_shot(clip, heldout, tok, device)
-    return out
-
-
-def _describes(parsed: dict, truth: dict) -> bool:
-    """Does a parsed caption describe a scene exactly (same objects; background if named)?"""
-    key = lambda o: (o["shape"], o["colour"], o["size"], o["position"])  # noqa: E731
-    same_objects = sorted(map(key, parsed["objects"])) == sorted(map(key, truth["objects"]))
-    return same_objects and parsed["background"] in (None, truth["background"])
-
-
-@torch.no_grad()
-def _attribute_zero_shot(clip: CLIP, heldout: data.Scenes, tok: Tokenizer, device, limit: int = 500) -> dict:
-    single = [i for i in range(len(heldout)) if int(heldout.n_objects[i]) == 1][:limit]
-    images = heldout.images_float()[single].to(device)
-    img = clip.encode_image(images)
-    acc = {}
-    for name, vocab in data.ATTRIBUTES.items():
-        right = 0
-        for row, i in enumerate(single):
-            truth = heldout.attributes(i)
-            options = []
-            for word in vocab:
-                obj = dict(truth["objects"][0], **{name: word})
-                options.append(data.caption({"objects": [obj], "background": truth["background"]}, (0,), 0))
-            scores = img[row] @ clip.encode_text(tok(options).to(device)).T
-            right += vocab[int(scores.argmax())] == truth["objects"][0][name]
-        acc[name] = right / len(single)
-    return acc
-
 
 def train_clip(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings = DataSettings(),
                tc: CLIPTraining = CLIPTraining(), config: CLIPConfig = CLIPConfig(), out_dir: str | Path = WEIGHTS_DIR,
@@ -463,7 +380,8 @@ def min_snr_loss(pred: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, snr: to
 
 def train_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings = DataSettings(),
                tc: UNetTraining = UNetTraining(), config: UNetConfig | None = None, out_dir: str | Path = WEIGHTS_DIR,
-               device="cpu", vae: VAE | None = None, clip: CLIP | None = None, quiet: bool = False) -> UNet:
+               device="cpu", vae: VAE | None = None, clip: CLIP | None = None, quiet: bool = False,
+               pipeline: Callable[[VAE, CLIP, UNet], Any] | None = None) -> UNet:
     """Epsilon-prediction training on scaled VAE latents, conditioned on frozen CLIP text states.
 
     One step (Ho et al. 2020, Algorithm 1, in latent space as in Rombach et al. 2022):
@@ -472,6 +390,8 @@ def train_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings
     with w_t = min(SNR_t, gamma) / SNR_t (Min-SNR; w_t = 1, SD's plain MSE, with ``min_snr_gamma=None``).
     10% of captions are replaced by the encoding of "" (caption dropout), so the same network also
     predicts the unconditional noise that classifier-free guidance needs.
+    pipeline: builds a generating pipeline from (vae, clip, unet), e.g. ``tiny_sd.TinySD.from_models``;
+    with it (and an evaluator in ``out_dir``) the model card gets a quick prompt-adherence check.
     """
     started = time.time()
     vae = vae if vae is not None else load_vae(out_dir, device=device)
@@ -491,6 +411,13 @@ def train_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=0.0)
     log = LossLog()
+
+    def measure(unet: UNet) -> dict:
+        if pipeline is None or not (Path(out_dir) / "evaluator.json").exists():
+            return {}
+        return unet_metrics(pipeline(vae, clip, unet.eval()), load_evaluator(out_dir, device=device), heldout,
+                            n=tc.eval_captions)
+
     with _bar(tc.steps, "unet", quiet) as bar:
         for step, idx in enumerate(batches(n, tc.batch_size, tc.steps, gi)):
             zt, t, eps, context = encoded.noisy_batch(idx, schedule, tc.caption_dropout, g)
@@ -505,38 +432,17 @@ def train_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             if tc.early_step and step + 1 == tc.early_step < tc.steps:
                 early = dataclasses.replace(tc, steps=step + 1)
-                m = unet_metrics(ema, vae, clip, heldout, out_dir, device, n=tc.eval_captions)
+                m = measure(ema)
                 save_model(ema, "unet_early", config, _card(data_cfg, early, log, m, started, device), out_dir)
             if tc.snapshot_every and (step + 1) % tc.snapshot_every == 0 and step + 1 < tc.steps:
                 snap = dataclasses.replace(tc, steps=step + 1)
-                m = unet_metrics(ema, vae, clip, heldout, out_dir, device, n=tc.eval_captions)
+                m = measure(ema)
                 save_model(ema, f"unet-step{step + 1}", config, _card(data_cfg, snap, log, m, started, device),
                            WEIGHTS_DIR.parent / "runs" / "unet_snapshots")  # git-ignored
                 bar.write(f"unet step {step + 1}: loss {sum(log.values[-100:]) / 100:.4f}, quick adherence {m}")
-    metrics = unet_metrics(ema, vae, clip, heldout, out_dir, device, n=tc.eval_captions)
+    metrics = measure(ema)
     save_model(ema, "unet", config, _card(data_cfg, tc, log, metrics, started, device), out_dir)
     return ema
-
-
-@torch.no_grad()
-def unet_metrics(unet: UNet, vae: VAE, clip: CLIP, heldout: data.Scenes, out_dir, device="cpu", n: int = 64,
-                 guidance_scale: float = 5.0) -> dict:
-    """A quick prompt-adherence check on ``n`` held-out one-object captions (the full sweep over guidance
-    scales is benchmarks/bench_tiny_sd.py)."""
-    from .evaluator import prompt_adherence
-    from .tiny_sd import TinySD
-
-    if not (Path(out_dir) / "evaluator.json").exists():
-        return {}
-    captions = [c for c, k in zip(heldout.captions, heldout.n_objects.tolist()) if k == 1][:n]
-    pipe = TinySD(vae=vae, clip=clip, unet=unet.eval(), tokenizer=Tokenizer(clip.config.context_length),
-                  schedule=sd_schedule())
-    images = pipe.generate(captions, num_steps=20, guidance_scale=guidance_scale,
-                           generator=torch.Generator().manual_seed(0))
-    result = prompt_adherence(load_evaluator(out_dir, device=device), images, captions)
-    return {f"adherence_one_object_guidance_{guidance_scale:g}_ddim20": result["adherence"],
-            "per_attribute": result["per_attribute"], "n_captions": len(captions),
-            "full_benchmark": "benchmarks/bench_tiny_sd.py --update-card adds the guidance sweep here"}
 
 
 # --- The command. -------------------------------------------------------------------------------------
@@ -556,57 +462,9 @@ def quick_settings() -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train the course's tiny Stable Diffusion from scratch.")
-    parser.add_argument("--only", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
-    parser.add_argument("--quick", action="store_true", help="tiny models, a few steps, written to runs/quick/")
-    parser.add_argument("--out", default=None, help="output folder (default: weights/, or runs/quick/ with --quick)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    wanted = [m.strip() for m in args.only.split(",") if m.strip()]
-    unknown = set(wanted) - set(MODELS)
-    if unknown:
-        parser.error(f"unknown model(s) {sorted(unknown)}; choose from {MODELS}")
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    out = Path(args.out) if args.out else (Path("runs/quick") if args.quick else WEIGHTS_DIR)
-    s = quick_settings() if args.quick else {"data": DataSettings(), **{m: (None, None) for m in MODELS}}
-    dc = s["data"]
-    t0 = time.time()
-    scenes = data.generate(dc.n_train, seed=dc.seed, split="train")
-    heldout = data.generate(dc.n_heldout, seed=dc.seed, split="heldout")
-    print(f"data: {len(scenes)} training and {len(heldout)} held-out scenes in {time.time() - t0:.1f}s")
-
-    def settings(name, tdefault, cdefault):
-        tc, cfg = s[name]
-        return tc or tdefault, cfg or cdefault
-
-    common = dict(data_cfg=dc, out_dir=out, device=args.device, quiet=args.quiet)
-    evaluator = None
-    for name in MODELS:
-        if name not in wanted:
-            continue
-        t = time.time()
-        if name == "evaluator":
-            tc, cfg = settings(name, EvaluatorTraining(), EvaluatorConfig())
-            evaluator = train_evaluator(scenes, heldout, tc=tc, config=cfg, **common)
-        elif name == "vae":
-            tc, cfg = settings(name, VAETraining(), VAEConfig())
-            train_vae(scenes, heldout, tc=tc, config=cfg, evaluator=evaluator, **common)
-        elif name == "clip":
-            tc, cfg = settings(name, CLIPTraining(), CLIPConfig())
-            train_clip(scenes, heldout, tc=tc, config=cfg, **common)
-        elif name == "unet":
-            tc, cfg = settings(name, UNetTraining(), None)
-            train_unet(scenes, heldout, tc=tc, config=cfg, **common)
-        else:  # the ControlNet trains against the frozen U-Net just written to `out`
-            from .controlnet_train import quick_training, train_controlnet  # here: controlnet_train imports train
-
-            train_controlnet(scenes, heldout, tc=quick_training() if args.quick else None, **common)
-        print(f"{name}: trained in {time.time() - t:.0f}s -> {out / name}.safetensors")
-    print(f"all done in {time.time() - t0:.0f}s")
-
-
 if __name__ == "__main__":
+    # The command lives in build_weights.py: it also measures each model with the inference pipeline,
+    # which this module, the training loops, does not import.
+    from .build_weights import main
+
     main()

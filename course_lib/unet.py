@@ -196,6 +196,55 @@ class UpBlock(nn.Module):
         return x
 
 
+# --- The encoder half, shared with ControlNet (course_lib/controlnet.py builds its trainable copy from these). ---
+
+def time_embedding_mlp(cfg: UNetConfig) -> nn.Sequential:
+    """The MLP that turns the sinusoidal embedding (width block_channels[0]) into ``time_embed_dim``
+    (diffusers: ``TimestepEmbedding``, linear_1 - SiLU - linear_2)."""
+    return nn.Sequential(nn.Linear(cfg.block_channels[0], cfg.time_embed_dim), nn.SiLU(),
+                         nn.Linear(cfg.time_embed_dim, cfg.time_embed_dim))
+
+
+def embed_time(time_embedding: nn.Module, timestep: torch.Tensor | float | int, batch: int,
+               like: torch.Tensor) -> torch.Tensor:
+    """Timesteps (scalar or (B,)) -> (B, time_embed_dim) through ``time_embedding``, in ``like``'s dtype and device."""
+    t = torch.as_tensor(timestep, device=like.device)
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"timestep must be a scalar or shape ({batch},), got {tuple(t.shape)}")
+    width = time_embedding[0].in_features  # = block_channels[0]
+    return time_embedding(timestep_embedding(t, width).to(like.dtype))  # (B, time_embed_dim)
+
+
+def down_blocks(cfg: UNetConfig) -> nn.ModuleList:
+    """One ``DownBlock`` per resolution; every one but the last halves the side."""
+    ch, blocks, cin = cfg.block_channels, nn.ModuleList(), cfg.block_channels[0]
+    for i, c in enumerate(ch):
+        blocks.append(DownBlock(cin, c, cfg, cfg.attention[i], downsample=i < len(ch) - 1))
+        cin = c
+    return blocks
+
+
+def run_down_blocks(blocks: nn.ModuleList, x: torch.Tensor, temb: torch.Tensor,
+                    context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The down path from ``conv_in``'s output: (lowest-resolution features, every skip connection, conv_in's first)."""
+    skips = [x]
+    for block in blocks:
+        x, s = block(x, temb, context)
+        skips += s
+    return x, skips
+
+
+def skip_channels(config: UNetConfig) -> list[int]:
+    """Channels of every skip connection for ``config``, in the order the down path produces them (conv_in first)."""
+    ch, n = config.block_channels, config.layers_per_block
+    out = [ch[0]]
+    for i, c in enumerate(ch):
+        out += [c] * n + ([c] if i < len(ch) - 1 else [])
+    return out
+
+
 class UNet(nn.Module):
     """eps_theta(x_t, t, text hidden states). Call as ``unet(x_t, t, context)``: the samplers' model signature."""
 
@@ -203,16 +252,12 @@ class UNet(nn.Module):
         super().__init__()
         self.config = cfg = config or UNetConfig()
         ch = cfg.block_channels
-        self.time_embedding = nn.Sequential(nn.Linear(ch[0], cfg.time_embed_dim), nn.SiLU(),
-                                            nn.Linear(cfg.time_embed_dim, cfg.time_embed_dim))
+        self.time_embedding = time_embedding_mlp(cfg)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList()
-        cin = ch[0]
-        for i, c in enumerate(ch):
-            self.down_blocks.append(DownBlock(cin, c, cfg, cfg.attention[i], downsample=i < len(ch) - 1))
-            cin = c
+        self.down_blocks = down_blocks(cfg)
         self.mid_block = MidBlock(ch[-1], cfg)
         skips = self.skip_channels()
+        cin = ch[-1]
         self.up_blocks = nn.ModuleList()
         for i, c in enumerate(reversed(ch)):
             level = len(ch) - 1 - i
@@ -225,11 +270,7 @@ class UNet(nn.Module):
     def skip_channels(self) -> list[int]:
         """Channels of every skip connection, in the order the down path produces them
         (conv_in first). A ControlNet returns one residual of each of these widths."""
-        ch, n = self.config.block_channels, self.config.layers_per_block
-        out = [ch[0]]
-        for i, c in enumerate(ch):
-            out += [c] * n + ([c] if i < len(ch) - 1 else [])
-        return out
+        return skip_channels(self.config)
 
     def skip_shapes(self, height: int, width: int) -> list[tuple[int, int, int]]:
         """(channels, height, width) of every skip connection for a (B, 4, height, width) latent."""
@@ -244,12 +285,7 @@ class UNet(nn.Module):
 
     def embed_time(self, timestep: torch.Tensor | float | int, batch: int, like: torch.Tensor) -> torch.Tensor:
         """Timesteps (scalar or (B,)) -> (B, time_embed_dim) in ``like``'s dtype and device."""
-        t = torch.as_tensor(timestep, device=like.device)
-        if t.dim() == 0:
-            t = t.expand(batch)
-        if t.shape != (batch,):
-            raise ValueError(f"timestep must be a scalar or shape ({batch},), got {tuple(t.shape)}")
-        return self.time_embedding(timestep_embedding(t, self.config.block_channels[0]).to(like.dtype))
+        return embed_time(self.time_embedding, timestep, batch, like)
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                 down_block_additional_residuals: list[torch.Tensor] | tuple | None = None,
@@ -275,11 +311,7 @@ class UNet(nn.Module):
         context = encoder_hidden_states.to(sample.dtype)
         temb = self.embed_time(timestep, b, sample)
 
-        x = self.conv_in(sample)
-        skips = [x]
-        for block in self.down_blocks:
-            x, s = block(x, temb, context)
-            skips += s
+        x, skips = run_down_blocks(self.down_blocks, self.conv_in(sample), temb, context)
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
                 raise ValueError(f"expected {len(skips)} down-block residuals (one per skip connection), "

@@ -223,9 +223,5 @@ def load_unet(weights_dir=None, device=None, dtype=None, name: str = "unet"):
         raise ValueError(f"name must be 'unet' or 'unet_early', got {name!r}")
     return load_model(name, UNetConfig, UNet, weights_dir, device, dtype)
 
-
-def load_evaluator(weights_dir=None, device=None, dtype=None):
-    """The attribute classifier that scores prompt adherence (``weights/evaluator.*``)."""
-    from .evaluator import Evaluator, EvaluatorConfig
-
-    return load_model("evaluator", EvaluatorConfig, Evaluator, weights_dir, device, dtype)
+# The evaluator's and the ControlNet's loaders live beside their models: evaluator.load_evaluator,
+# controlnet.load_controlnet.

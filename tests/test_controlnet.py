@@ -231,11 +231,11 @@ def test_shipped_base_is_reproduced_exactly_at_initialisation_and_at_scale_zero(
 def test_shipped_controlnet_follows_edges_on_a_held_out_sample(shipped):
     """The benchmark's bar on a small sample: edge F1 (Canny of the image vs the control, 1 px) >= 0.7 with
     control, far above the same prompts without; prompt adherence not lower by more than 5 points."""
-    from course_lib.controlnet_train import _subset, control_metrics
-    from course_lib.tiny_sd import load_evaluator
+    from course_lib.evaluator import load_evaluator
+    from course_lib.metrics import control_metrics, subset
 
     pipe, net = shipped
-    sample = _subset(data.generate(2000, seed=0, split="heldout"), 24)
+    sample = subset(data.generate(2000, seed=0, split="heldout"), 24)
     m = control_metrics(pipe, net, sample, load_evaluator(), num_steps=10, seed=0)
     w, wo = m["with_control"], m["without_control"]
     assert w["edge_f1_canny"] >= 0.7 and w["edge_f1_canny"] > wo["edge_f1_canny"] + 0.2, m
@@ -245,7 +245,7 @@ def test_shipped_controlnet_follows_edges_on_a_held_out_sample(shipped):
 # --- lesson 6's "check yourself" cell -----------------------------------------------------------------
 
 def test_lesson6_references_agree_with_the_library():
-    from course_lib.checks import lesson06
+    from course_lib.checks import controlnet as lesson06
 
     # the window rule is Control.active_at's, for every step of several windows
     net = ControlNet.__new__(ControlNet)  # active_at needs no weights
@@ -266,10 +266,10 @@ def test_lesson6_references_agree_with_the_library():
 
 def test_lesson6_checker_passes_the_reference_and_explains_mistakes():
     from course_tools.checking import ExerciseIncomplete
-    from course_lib.checks import lesson06
+    from course_lib.checks import check
+    from course_lib.checks import controlnet as lesson06
 
-    result = lesson06.check_yourself(lesson06.combine_controls, lesson06.active_steps)
-    assert result.passed and result.score == result.max_score
+    assert check("combine_controls", lesson06.combine_controls, lesson06.active_steps) is None  # every check passed
 
     def unscaled(residuals, scales):  # forgets the scales
         return lesson06.combine_controls(residuals, [1.0] * len(scales))
@@ -278,9 +278,9 @@ def test_lesson6_checker_passes_the_reference_and_explains_mistakes():
         return [i / n >= start and i / n <= end for i in range(n)]
 
     with pytest.raises(ExerciseIncomplete) as err:
-        lesson06.check_yourself(unscaled, inclusive_end)
+        check("combine_controls", unscaled, inclusive_end)
     checks = err.value.result.checks
     assert not any(c.passed for c in checks), [(c.name, c.passed) for c in checks]
     with pytest.raises(ExerciseIncomplete) as err:
-        lesson06.check_yourself(lesson06.combine_controls, inclusive_end)
+        check("combine_controls", lesson06.combine_controls, inclusive_end)
     assert [c.passed for c in err.value.result.checks] == [True, True, False]

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from course_lib import data
-from course_lib.evaluator import Evaluator, EvaluatorConfig, attribute_accuracy, prompt_adherence, targets
-from course_lib.weights import load_evaluator
+from course_lib.evaluator import Evaluator, EvaluatorConfig, attribute_accuracy, load_evaluator, prompt_adherence, targets
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,7 @@ def test_output_layout_and_input_check():
     with pytest.raises(ValueError, match="64, 64"):
         ev(torch.zeros(2, 3, 32, 32))
     with pytest.raises(ValueError, match="captions"):
-        prompt_adherence(ev, torch.zeros(2, 3, 64, 64), ["a small red circle in the centre"])
+        prompt_adherence(torch.zeros(2, 3, 64, 64), ["a small red circle in the centre"], ev)
 
 
 def test_shipped_evaluator_is_at_least_99_percent_per_attribute(shipped, heldout):
@@ -49,12 +48,12 @@ def test_shipped_evaluator_is_at_least_99_percent_per_attribute(shipped, heldout
 
 def test_adherence_confirms_real_scenes_and_rejects_wrong_captions(shipped, heldout):
     images = heldout.images_float()
-    right = prompt_adherence(shipped, images, heldout.captions)
+    right = prompt_adherence(images, heldout.captions, shipped)
     assert right["adherence"] >= 0.97 and right["n"] == 256
     assert set(right["per_attribute"]) == {"position", "shape", "colour", "size", "background"}
-    wrong = prompt_adherence(shipped, images, heldout.captions[1:] + heldout.captions[:1])  # shifted by one
+    wrong = prompt_adherence(images, heldout.captions[1:] + heldout.captions[:1], shipped)  # shifted by one
     assert wrong["adherence"] < 0.1
     one = heldout.attributes(0)["objects"][0]
     other = dict(one, colour=next(c for c in data.COLOURS if c != one["colour"]))
-    res = prompt_adherence(shipped, images[:1], [data.caption({"objects": [other], "background": None}, (0,), 0)])
+    res = prompt_adherence(images[:1], [data.caption({"objects": [other], "background": None}, (0,), 0)], shipped)
     assert res["adherence"] == 0.0 and res["per_attribute"]["colour"] == 0.0

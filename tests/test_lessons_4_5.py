@@ -7,7 +7,7 @@ import torch
 from course_lib import data
 from course_lib.viz import guidance as gv
 from course_tools.agent import LocalAgent
-from course_lib.checks import lesson45_checks as l45
+from course_lib.checks import CHECKS, guidance as guidance_checks, samplers as sampler_checks
 from course_lib.clip import CLIP, CLIPConfig, Tokenizer
 from course_lib.guidance import guided_model
 from course_lib.viz.sampler import sample_latents, sampler_timesteps
@@ -35,11 +35,11 @@ def noise(n, seed=0):
     return torch.randn((n, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
 
 
-def test_per_sample_guided_model_equals_one_scale_at_a_time(sd):
+def test_guided_model_with_one_scale_per_sample_equals_one_scale_at_a_time(sd):
     cond, uncond = sd.encode_prompt(PROMPTS), sd.encode_prompt([""] * 3)
     x, t = noise(3), torch.full((3,), 400)
     scales = torch.tensor([1.5, 4.0, 9.0])
-    got = gv.per_sample_guided_model(sd.unet, cond, uncond, scales)(x, t)
+    got = guided_model(sd.unet, cond, uncond, scales)(x, t)  # scales (B,): one per sample
     for i, w in enumerate(scales.tolist()):
         want = guided_model(sd.unet, cond[i:i + 1], uncond[i:i + 1], w)(x[i:i + 1], t[i:i + 1])
         assert torch.allclose(got[i:i + 1], want, atol=1e-5)
@@ -127,16 +127,16 @@ def test_sample_latents_and_timesteps(sd):
 
 
 def test_check_yourself_exercises_pass_the_references_and_fail_common_mistakes():
-    def run(ex_id, *objects):
-        ex = l45.EXERCISES[ex_id]
+    def run(check_id, *objects):
+        ex = CHECKS[check_id]
         return ex.run(LocalAgent(dict(zip(ex.targets, objects))))
 
-    assert run("l04_cfg_per_sample", l45.cfg).passed
-    no_reshape = run("l04_cfg_per_sample", lambda u, c, w: u + torch.as_tensor(w) * (c - u))
+    assert run("per_sample_guidance", guidance_checks.per_sample_cfg).passed
+    no_reshape = run("per_sample_guidance", lambda u, c, w: u + torch.as_tensor(w) * (c - u))
     assert [c.passed for c in no_reshape.checks] == [True, False, False]
-    assert run("l05_spaced_timesteps", l45.spaced_timesteps).passed
-    seed_style = run("l05_spaced_timesteps", lambda n, spacing, steps_offset=1: torch.arange(0, 1000, 1000 // n)[:n])
-    assert not any(c.passed for c in seed_style.checks)
+    assert run("timestep_spacing", sampler_checks.spaced_timesteps).passed
+    article_style = run("timestep_spacing", lambda n, spacing, steps_offset=1: torch.arange(0, 1000, 1000 // n)[:n])
+    assert not any(c.passed for c in article_style.checks)
 
 
 def test_caption_confidence_shape_and_range():

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from course_lib import data
-from course_lib.tiny_sd import TinySD, load_evaluator, load_tiny_sd, prompt_adherence
+from course_lib.evaluator import load_evaluator, prompt_adherence
+from course_lib.tiny_sd import TinySD, load_tiny_sd
 
 PROMPTS = ["a large red circle in the centre", "small blue square, top left"]
 

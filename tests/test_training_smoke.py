@@ -4,13 +4,14 @@ import json
 
 import torch
 
-from course_lib import data, train
+from course_lib import build_weights, data, train
+from course_lib.evaluator import load_evaluator
 from course_lib.tiny_sd import load_tiny_sd
-from course_lib.weights import load_clip, load_evaluator, load_unet, load_vae, read_card
+from course_lib.weights import load_clip, load_unet, load_vae, read_card
 
 
 def test_quick_command_trains_every_model_and_the_pipeline_loads(tmp_path):
-    train.main(["--quick", "--out", str(tmp_path), "--quiet", "--threads", "1"])
+    build_weights.main(["--quick", "--out", str(tmp_path), "--quiet", "--threads", "1"])
     for name in train.MODELS:
         card = json.loads((tmp_path / f"{name}.json").read_text())
         assert card["steps"] == 5 and card["device"] == "cpu" and card["wall_time_s"] >= 0

@@ -11,32 +11,14 @@ Notation (code name -> paper symbol):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from ..data import BACKGROUND_RGB, BACKGROUNDS, COLOUR_RGB, COLOURS, POSITIONS, parse_caption
 from ..evaluator import HEADS
 from ..guidance import classifier_free_guidance, guided_model, rescale_noise_cfg
-from ..samplers import sample
-
-Model = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
-
-
-def per_sample_guided_model(model: Model, cond: torch.Tensor, uncond: torch.Tensor, scales: torch.Tensor,
-                            guidance_rescale: float = 0.0) -> Model:
-    """``guidance.guided_model`` with one guidance scale per sample, scales (B,), checked here.
-
-    Still ONE batched forward pass per call, on cat([x, x]) with cat([uncond, cond]); the
-    per-sample scale is broadcast as (B, 1, 1, 1). This is how a whole scale sweep runs as a
-    single sampling loop.
-    """
-    scales = torch.as_tensor(scales, dtype=torch.float32)
-    if scales.ndim != 1 or cond.shape[0] != scales.shape[0] or uncond.shape != cond.shape:
-        raise ValueError(f"need cond and uncond of the same shape (B, L, D) and scales (B,), got "
-                         f"{tuple(cond.shape)}, {tuple(uncond.shape)}, {tuple(scales.shape)}")
-    return guided_model(model, cond, uncond, scales, guidance_rescale)
-
+from ..samplers import Model, sample
 
 @torch.no_grad()
 def scale_sweep(sd, prompts: Sequence[str], scales: Sequence[float], noise: torch.Tensor, num_steps: int = 20,
@@ -73,8 +55,8 @@ def scale_sweep(sd, prompts: Sequence[str], scales: Sequence[float], noise: torc
         S = len(guided)
         w = torch.tensor(guided, dtype=torch.float32).repeat_interleave(P)  # (S*P,): scale of each sample
         log = []
-        model = _recorded(per_sample_guided_model(sd.unet, cond.repeat(S, 1, 1), uncond.repeat(S, 1, 1), w,
-                                                  guidance_rescale), log)
+        # one scale per sample: guided_model broadcasts the (S*P,) scales as (S*P, 1, 1, 1)
+        model = _recorded(guided_model(sd.unet, cond.repeat(S, 1, 1), uncond.repeat(S, 1, 1), w, guidance_rescale), log)
         z = sample(sampler, model, x.repeat(S, 1, 1, 1), sd.schedule, num_steps, None, **kw)  # (S*P, 4, 8, 8)
         s_all = torch.stack(log)  # (steps, S*P)
         for k, s in enumerate(guided):
