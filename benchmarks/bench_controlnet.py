@@ -21,7 +21,7 @@ starting noise:
 - Canny maps of real photographs (skimage.data), resized to 64x64, as controls; and two controls at once.
 Bars (issue 6): edge F1 with control >= 0.7; prompt adherence with control within 5 points of without.
 Figures: assets/controlnet_samples.png (controls next to generations), assets/controlnet_scale.png.
-Results: assets/bench_controlnet.json.
+Results: bench_controlnet.json. All in artifacts/, or in assets/ (the README's figures) with --write-assets.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import textwrap
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from common import add_run_args, set_up  # noqa: E402
 from course_lib import data, edges  # noqa: E402
 from course_lib.controlnet import generate_with_control, load_controlnet  # noqa: E402
 from course_lib.evaluator import load_evaluator, prompt_adherence  # noqa: E402
@@ -228,19 +229,14 @@ def main(argv=None):
     ap.add_argument("--n-sweep", type=int, default=64, help="held-out scenes for the scale and guidance-end sweeps")
     ap.add_argument("--steps", type=int, default=20, help="DDIM steps")
     ap.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    ap.add_argument("--assets", default=str(ROOT / "assets"))
-    ap.add_argument("--weights", default=None, help="weights folder (default: the shipped weights/)")
-    ap.add_argument("--update-card", action="store_true", help="store the results in weights/controlnet.json")
+    add_run_args(ap, card="controlnet")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    assets = Path(args.assets)
-    assets.mkdir(parents=True, exist_ok=True)
+    assets, device = set_up(args)
     t0 = time.time()
 
-    pipe, evaluator = load_tiny_sd(weights_dir=args.weights), load_evaluator(weights_dir=args.weights)
-    net = load_controlnet(weights_dir=args.weights)
+    pipe = load_tiny_sd(device=device, weights_dir=args.weights)
+    evaluator = load_evaluator(weights_dir=args.weights, device=device)
+    net = load_controlnet(weights_dir=args.weights, device=device)
     heldout = data.generate(2000, seed=0, split="heldout")  # the held-out scenes of the training command (data seed 0)
     scenes = subset(heldout, args.n)
     card = net.card

@@ -14,7 +14,7 @@ evaluator (course_lib.evaluator.prompt_adherence):
 - the wall time of one 16-image batch, 20 steps with guidance;
 - a grid of samples for a handful of prompts (assets/tiny_sd_samples.png).
 
-Results go to assets/bench_tiny_sd.json; ``--update-card`` also stores them in weights/unet.json.
+Results go to artifacts/ (assets/, the README's figures, with --write-assets): bench_tiny_sd.json; ``--update-card`` also stores them in weights/unet.json.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from common import add_run_args, set_up  # noqa: E402
 from course_lib import data  # noqa: E402
 from course_lib.evaluator import load_evaluator, prompt_adherence  # noqa: E402
 from course_lib.tiny_sd import load_tiny_sd  # noqa: E402
@@ -179,18 +181,13 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20, help="sampler steps")
     ap.add_argument("--sampler", default="ddim")
     ap.add_argument("--scales", default="1,2,3,4,5,6,7,8,9,10", help="guidance scales to sweep")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    ap.add_argument("--assets", default=str(ROOT / "assets"))
-    ap.add_argument("--weights", default=None, help="weights folder (default: the shipped weights/)")
-    ap.add_argument("--update-card", action="store_true", help="store the results in weights/unet.json")
+    add_run_args(ap, card="unet")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    assets = Path(args.assets)
-    assets.mkdir(parents=True, exist_ok=True)
+    assets, device = set_up(args)
     scales = [float(s) for s in args.scales.split(",")]
 
-    pipe, evaluator = load_tiny_sd(weights_dir=args.weights), load_evaluator(weights_dir=args.weights)
+    pipe = load_tiny_sd(device=device, weights_dir=args.weights)
+    evaluator = load_evaluator(weights_dir=args.weights, device=device)
     single = data.generate(args.n, seed=args.seed, split="heldout", two_object_fraction=0.0).captions
     two = data.generate(args.n, seed=args.seed + 1, split="heldout", two_object_fraction=1.0).captions
     t_start = time.time()

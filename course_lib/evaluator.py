@@ -137,16 +137,22 @@ def attribute_accuracy(evaluator: Evaluator, images: torch.Tensor, scenes: Scene
     """
     pred = {k: v.cpu() for k, v in evaluator.predict(images).items()}
     tgt = targets(scenes)
-    occ = tgt["occupancy"] > 0
-    acc = {"occupancy": (pred["occupancy"] == occ).float().mean().item()}
-    scene_ok = (pred["occupancy"] == occ).all(1) & (pred["background"] == tgt["background"])
+    return _match(pred, {**tgt, "occupancy": tgt["occupancy"] > 0})
+
+
+def _match(pred: dict, ref: dict) -> dict[str, float]:
+    """Per attribute, how often ``pred`` reads what ``ref`` says, over the positions occupied in ``ref``;
+    ``scene``: the fraction of images where everything matches."""
+    occ = ref["occupancy"]
+    out = {"occupancy": (pred["occupancy"] == occ).float().mean().item()}
+    scene_ok = (pred["occupancy"] == occ).all(1) & (pred["background"] == ref["background"])
     for name in HEADS:
-        right = (pred[name] == tgt[name]) | ~occ
-        acc[name] = right[occ].float().mean().item()
+        right = (pred[name] == ref[name]) | ~occ
+        out[name] = right[occ].float().mean().item()
         scene_ok &= right.all(1)
-    acc["background"] = (pred["background"] == tgt["background"]).float().mean().item()
-    acc["scene"] = scene_ok.float().mean().item()
-    return acc
+    out["background"] = (pred["background"] == ref["background"]).float().mean().item()
+    out["scene"] = scene_ok.float().mean().item()
+    return out
 
 
 @torch.no_grad()
@@ -155,16 +161,7 @@ def agreement(evaluator: Evaluator, images_a: torch.Tensor, images_b: torch.Tens
     VAE reconstructions). Per attribute over positions occupied in ``images_a``; ``scene`` = all agree."""
     pa = {k: v.cpu() for k, v in evaluator.predict(images_a).items()}
     pb = {k: v.cpu() for k, v in evaluator.predict(images_b).items()}
-    occ = pa["occupancy"]
-    out = {"occupancy": (pa["occupancy"] == pb["occupancy"]).float().mean().item()}
-    scene_ok = (pa["occupancy"] == pb["occupancy"]).all(1) & (pa["background"] == pb["background"])
-    for name in HEADS:
-        same = (pa[name] == pb[name]) | ~occ
-        out[name] = same[occ].float().mean().item()
-        scene_ok &= same.all(1)
-    out["background"] = (pa["background"] == pb["background"]).float().mean().item()
-    out["scene"] = scene_ok.float().mean().item()
-    return out
+    return _match(pb, pa)
 
 
 def load_evaluator(weights_dir: str | Path | None = None, device: torch.device | str | None = None,

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..schedules import snr_db
 from .plotting import to_uint8, wrap
 
 FLOAT32_BYTES = 4
@@ -58,6 +59,7 @@ def print_shapes(rows: list[tuple[str, tuple, int]], title: str) -> None:
         print(f"  {name:<{width}}{str(shape):<20}{math.prod(shape[1:]):>18,}{params:>12,}")
 
 
+# Like course_lib/checks/vae.py's reference on purpose: a checker's reference is written independently of what it checks.
 def compression_table(resolutions, latent_channels: int = 4, factor: int = 8) -> list[dict]:
     """Per square resolution: numbers in the image (H*W*3) and the latent ((H/f)*(W/f)*C), their ratio,
     float32 MiB of each and the MiB saved, and the entries of one self-attention score matrix over all
@@ -111,7 +113,7 @@ def snr_db_with_data_std(alphas_cumprod: torch.Tensor, data_std: float) -> torch
     The schedule's SNR, abar / (1 - abar), assumes unit-variance data; data with std s has s^2 times
     that signal power, i.e. 20 log10(s) dB more at every step.
     """
-    return 10 * torch.log10(alphas_cumprod.double() / (1 - alphas_cumprod.double()) * data_std**2)
+    return snr_db(alphas_cumprod.double()) + 20 * math.log10(data_std)  # 10 log10(s^2) = 20 log10(s)
 
 
 def show_latent_channels(latents: torch.Tensor, images: torch.Tensor, titles: list[str] | None = None,
