@@ -176,6 +176,7 @@ def save_grid(pipe, scale, steps, path, seeds=4):
 
 
 def main(argv=None):
+    # this script's own options (the shared ones are common.add_run_args): alike in shape only to bench_controlnet.py's
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=256, help="held-out captions per measurement (one-object and two-object)")
     ap.add_argument("--steps", type=int, default=20, help="sampler steps")
