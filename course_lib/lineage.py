@@ -504,58 +504,6 @@ def sd3_token_count(height: int, width: int, release: Release = SD3_MEDIUM) -> i
     return (h // p) * (w // p)
 
 
-# --------------------------------------------------------------------------------------------
-# Lesson 8's "check yourself" cell (built on the course's checker framework, course_tools.checking)
-# --------------------------------------------------------------------------------------------
-
-
-def mmdit_sequence_length(height: int, width: int, clip_tokens: int = 77, t5_tokens: int = 256) -> int:
-    """Tokens in one joint attention of SD 3 medium: the image's patches plus the text's tokens."""
-    return sd3_token_count(height, width) + clip_tokens + t5_tokens
-
-
-def check_yourself(sdxl_ratio, mmdit_sequence_length_fn, sdxl_time_ids_fn):
-    """Check lesson 8's three answers with seeded cases; shows a table, stops with one line if a check fails.
-
-    sdxl_ratio:                 SDXL base U-Net parameters / SD 1.5 U-Net parameters (a number)
-    mmdit_sequence_length_fn:   (height, width) -> tokens in one SD 3 medium joint attention (image + 77 + 256)
-    sdxl_time_ids_fn:           (original_size, crops_coords_top_left, target_size) -> SDXL's six numbers
-    """
-    from course_tools.checking import Exercise, run_in_notebook
-
-    ex = Exercise("l08_check_yourself", "Lesson 8: the lineage in numbers",
-                  targets=("sdxl_ratio", "mmdit_sequence_length", "sdxl_time_ids"))
-
-    @ex.check("sdxl_ratio: SDXL base's U-Net over SD 1.5's, from the parameters() counts",
-              hint="count(SDXL_BASE.denoiser.build()).parameters / count(SD15.denoiser.build()).parameters")
-    def _(run, learner):
-        want = count(SDXL_BASE.denoiser.build()).parameters / count(SD15.denoiser.build()).parameters
-        run.close(run.get(learner.sdxl_ratio, "sdxl_ratio"), want, "sdxl_ratio", rtol=1e-3)
-
-    @ex.check("mmdit_sequence_length(h, w): image tokens (latent side / 2 per axis) + 77 CLIP + 256 T5 tokens",
-              hint="latent = pixels / 8, then 2x2 patches: (h // 16) * (w // 16) image tokens, plus 77 + 256 text tokens.")
-    def _(run, learner):
-        rng = run.rng(0)
-        sizes = [(1024, 1024), (512, 768)] + [tuple(int(v) * 16 for v in rng.integers(16, 96, size=2)) for _ in range(3)]
-        for h, w in sizes:
-            got = run.call(learner.mmdit_sequence_length, h, w)
-            run.equal(got, mmdit_sequence_length(h, w), f"mmdit_sequence_length({h}, {w})")
-
-    @ex.check("sdxl_time_ids(original, crop, target): the six numbers, in the order the U-Net was trained with",
-              hint="(original h, original w, crop top, crop left, target h, target w), as a (1, 6) tensor, like "
-                   "diffusers' StableDiffusionXLPipeline._get_add_time_ids.")
-    def _(run, learner):
-        rng = run.rng(1)
-        for _ in range(3):
-            orig = tuple(int(v) * 64 for v in rng.integers(4, 24, size=2))
-            crop = tuple(int(v) * 8 for v in rng.integers(0, 32, size=2))
-            want = sdxl_add_time_ids(orig, crop, (1024, 1024))
-            got = run.call(learner.sdxl_time_ids, orig, crop, (1024, 1024))
-            run.close(got, want, f"sdxl_time_ids({orig}, {crop}, (1024, 1024))", kind="tensor")
-
-    return run_in_notebook(ex, (sdxl_ratio, mmdit_sequence_length_fn, sdxl_time_ids_fn))
-
-
 def markdown_table(header: list[str], rows: list[list]) -> str:
     """A Markdown table (for ``IPython.display.Markdown``): the lesson's computed tables render in Jupyter and on GitHub."""
     cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731

@@ -3,7 +3,7 @@
 Every exercise in ``solutions/`` (and in the generated ``exercises/``) ends with a checker cell::
 
     from course_lib.checks import check
-    check("ex84_schedule_comparator", ScheduleComparator)
+    check("schedule_comparator", ScheduleComparator)
 
 An `Exercise` (``course_lib/checks/*.py``) is a list of checks, each a small function with a name,
 points and a hint. A check calls the learner's code only through `Run` (``run.call``,
@@ -176,7 +176,7 @@ class Exercise:
 
     Checks are declared with the `check` decorator, in the order they are reported::
 
-        EX = Exercise("ex01_reparameterise", "The reparameterisation trick", targets=("reparameterise",))
+        EX = Exercise("reparameterise", "The reparameterisation trick", targets=("reparameterise",))
 
         @EX.check("z has the shape and dtype of mean", points=1, hint="...")
         def _(run, learner):

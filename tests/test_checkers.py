@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 import warnings
@@ -232,6 +233,59 @@ def test_every_exercise_has_a_check_cell():
     assert len(EXERCISES) >= 14
 
 
+CHECK_CALL = re.compile(r"""\bcheck\(\s*["']([^"']+)["']""")
+
+
+def test_every_check_is_called_by_exactly_one_cell_of_the_right_kind():
+    """One registry, one entry point: each id in CHECKS is named by one cell of the sources (graded
+    exercises in solutions/, check-yourself cells in notebooks/), and no cell names an unknown id."""
+    from course_lib.checks import CHECK_YOURSELF, CHECKS
+
+    assert set(CHECKS) == set(EXERCISES) | set(CHECK_YOURSELF) and not set(EXERCISES) & set(CHECK_YOURSELF)
+    assert len(CHECK_YOURSELF) >= 9
+    calls: dict[str, list[str]] = {}
+    for folder in ("solutions", "notebooks"):
+        for path in sorted((ROOT / folder).glob("*.ipynb")):
+            for cell in nbformat.read(path, as_version=4).cells:
+                if cell.cell_type == "code":
+                    for check_id in CHECK_CALL.findall(cell.source):
+                        calls.setdefault(check_id, []).append(f"{folder}/{path.name}:{cell.id}")
+    assert set(calls) == set(CHECKS), "ids named by cells vs ids in the registry"
+    for check_id, cells in calls.items():
+        assert len(cells) == 1, (check_id, cells)
+        folder = cells[0].split("/")[0]
+        assert folder == ("solutions" if check_id in EXERCISES else "notebooks"), (check_id, cells)
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):  # the old entry points are gone from the lessons
+        sources = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells)
+        assert "check_yourself" not in sources and "checks.lesson" not in sources, path.name
+
+
+def test_check_modules_are_named_by_idea_not_by_lesson_number():
+    import importlib
+
+    import course_lib.checks as checks
+
+    modules = sorted(p.stem for p in Path(checks.__file__).parent.glob("*.py") if p.stem != "__init__")
+    assert len(modules) >= 9
+    assert not [m for m in modules if re.search(r"\d", m) or m.startswith("lesson")], modules
+    defined = [ex.id for name in modules for ex in vars(importlib.import_module(f"course_lib.checks.{name}")).values()
+               if isinstance(ex, Exercise)]
+    assert sorted(defined) == sorted(checks.CHECKS), "each check is defined once, in the module of its idea"
+
+
+def test_check_shows_one_table_returns_nothing_and_refuses_unknown_ids(capsys):
+    from course_lib.checks import check
+    from course_lib.checks.recap import first_below, snr_db
+
+    assert check("snr_crossing", snr_db, first_below) is None  # a cell's value would show the table a second time
+    out = capsys.readouterr().out
+    assert out.count("snr_crossing") == 1 and "3/3 checks passed" in out
+    with pytest.raises(ValueError, match="no check named 'l00_snr'.*snr_crossing"):
+        check("l00_snr", snr_db, first_below)
+    with pytest.raises(ExerciseIncomplete):
+        check("snr_crossing", snr_db, lambda ab, level_db=0.0: len(ab) - 1)
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_solutions_pass_and_stubs_fail_with_feedback(name):
     sol, exercises = _namespace("solutions", name)
@@ -251,7 +305,7 @@ def test_an_answer_for_the_notebooks_seeds_fails_other_seeds():
 
     ns: dict = {}
     exec(one_seed_cheat(), ns)
-    ex = EXERCISES["ex84_unet_analyzer"]
+    ex = EXERCISES["unet_analyser"]
     assert ex.run(LocalAgent({"UNetAnalyzer": ns["UNetAnalyzer"]}), FEEDBACK_SEEDS).passed
     assert ex.run(LocalAgent({"UNetAnalyzer": ns["UNetAnalyzer"]}), (5, 6, 7)).score == 0
 
@@ -275,7 +329,7 @@ def test_the_seeds_own_solution_fails_where_it_is_wrong():
         def find_zero_crossing(self, alpha_bars):
             return next((t for t in range(len(alpha_bars)) if alpha_bars[t] <= 0.5), len(alpha_bars) - 1)
 
-    result = EXERCISES["ex84_schedule_comparator"].run(LocalAgent({"ScheduleComparator": SeedComparator}))
+    result = EXERCISES["schedule_comparator"].run(LocalAgent({"ScheduleComparator": SeedComparator}))
     passed = {c.name.split(" ")[0]: c.passed for c in result.checks}
     assert passed["linear_schedule(T)"] and passed["signal_to_noise_ratio(alpha_bar)"]
     assert not passed["cosine_schedule(T)"] and not passed["find_zero_crossing(alpha_bars)"]

@@ -48,7 +48,7 @@ def test_the_batch_finishes_with_exit_code_0_and_every_report(graded):
     with open(out / "grades.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(EXPECTED)
-    assert {"submission", "status", "score", "max_score", "ex84_schedule_comparator", "flags", "seconds"} <= set(table[0])
+    assert {"submission", "status", "score", "max_score", "schedule_comparator", "flags", "seconds"} <= set(table[0])
     md = (out / "grades.md").read_text()
     assert md.startswith("| submission | status | score |") and f"{len(EXPECTED)} submissions graded in" in md
     print("\n" + md)  # the table, with the grading time of each submission (pytest -s shows it)
@@ -125,20 +125,20 @@ def _pair():
 def test_check_cells_are_restored_by_id_and_changes_reported():
     src, sub = _pair()
     cells = {c.id: c for c in sub.cells}
-    cells["ex84-schedule-comparator-check"].source = "print('passed')"
-    cells["ex84-unet-analyzer-check"].metadata["tags"] = []
-    sub.cells = [c for c in sub.cells if c.id != "ex84-noise-predictor-evaluator-check"]
-    copy = nbformat.v4.new_code_cell(cells["ex84-unet-analyzer-check"].source)
+    cells["schedule-comparator-check"].source = "print('passed')"
+    cells["unet-analyser-check"].metadata["tags"] = []
+    sub.cells = [c for c in sub.cells if c.id != "noise-predictor-evaluator-check"]
+    copy = nbformat.v4.new_code_cell(cells["unet-analyser-check"].source)
     copy.id = "my-own-copy"
     sub.cells.append(copy)
     restored = notebooks.restore_checker_cells(sub, src)
     kinds = {(i["kind"], i["cell_id"]) for i in restored.integrity}
-    assert ("checker_cell_edited", "ex84-schedule-comparator-check") in kinds
-    assert ("checker_cell_missing", "ex84-noise-predictor-evaluator-check") in kinds
-    assert ("checker_cell_metadata_changed", "ex84-unet-analyzer-check") in kinds
+    assert ("checker_cell_edited", "schedule-comparator-check") in kinds
+    assert ("checker_cell_missing", "noise-predictor-evaluator-check") in kinds
+    assert ("checker_cell_metadata_changed", "unet-analyser-check") in kinds
     assert restored.extra_checkers == {"my-own-copy"}
     ids = [c.id for c in restored.notebook.cells]
-    assert ids.index("ex84-noise-predictor-evaluator-check") == ids.index("ex84-noise-predictor-evaluator-solution") + 1
+    assert ids.index("noise-predictor-evaluator-check") == ids.index("noise-predictor-evaluator-solution") + 1
     src_checks = {c.id: c.source for c in src.cells if notebooks.is_checker(c)}
     assert {c.id: c.source for c in restored.notebook.cells if notebooks.is_checker(c)} == src_checks
     assert notebooks.restore_checker_cells(_pair()[1], src).integrity == []  # an untouched copy: nothing to report

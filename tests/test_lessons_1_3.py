@@ -9,7 +9,7 @@ from course_lib import data
 from course_lib.attention import AttentionStore
 from course_lib.viz.attention import mass_inside, object_mask, token_labels, token_maps, word_kind
 from course_tools.checking import ExerciseIncomplete
-from course_lib.checks import lesson_checks
+from course_lib.checks import CHECKS, attention, check, clip, vae
 from course_lib.clip import CLIP, CLIPConfig, Tokenizer
 from course_lib.viz.clip import attribute_options, binding_preference, binding_swaps, zero_shot_accuracy
 from course_lib.schedules import sd_schedule
@@ -118,22 +118,23 @@ def _wrong_split(x, heads):
     return x.view(b, heads, n, c // heads)  # right shape, wrong layout
 
 
-@pytest.mark.parametrize("lesson,objects", [
-    ("lesson01", (lesson_checks.scaling_factor, lesson_checks.snr_db)),
-    ("lesson02", (lesson_checks.split_heads, lesson_checks.merge_heads)),
-    ("lesson03", (lesson_checks.clip_context, lesson_checks.zero_shot_probs)),
+@pytest.mark.parametrize("check_id,objects", [
+    ("scaling_factor", (vae.scaling_factor, vae.latent_snr_db)),
+    ("attention_heads", (attention.split_heads, attention.merge_heads)),
+    ("clip_context", (clip.clip_context, clip.zero_shot_probs)),
 ])
-def test_lesson_checks_pass_the_references(lesson, objects):
-    assert lesson_checks.check_yourself(lesson, *objects).passed
+def test_lesson_checks_pass_the_references(check_id, objects, capsys):
+    assert check(check_id, *objects) is None  # one table shown, nothing returned for the cell to show again
+    assert capsys.readouterr().out.count(CHECKS[check_id].title) == 1
 
 
-@pytest.mark.parametrize("lesson,objects,failing", [
-    ("lesson01", (lambda z: z.std().item(), lesson_checks.snr_db), 2),
-    ("lesson02", (_wrong_split, lesson_checks.merge_heads), 2),
-    ("lesson03", (lambda ids, context_length=77, bos=49406, eos=49407, pad=0:
-                  ([bos] + list(ids) + [eos] + [pad] * 77)[:context_length], lesson_checks.zero_shot_probs), 1),
+@pytest.mark.parametrize("check_id,objects,failing", [
+    ("scaling_factor", (lambda z: z.std().item(), vae.latent_snr_db), 2),
+    ("attention_heads", (_wrong_split, attention.merge_heads), 2),
+    ("clip_context", (lambda ids, context_length=77, bos=49406, eos=49407, pad=0:
+                      ([bos] + list(ids) + [eos] + [pad] * 77)[:context_length], clip.zero_shot_probs), 1),
 ])
-def test_lesson_checks_catch_the_usual_mistakes(lesson, objects, failing):
+def test_lesson_checks_catch_the_usual_mistakes(check_id, objects, failing):
     with pytest.raises(ExerciseIncomplete) as err:
-        lesson_checks.check_yourself(lesson, *objects)
+        check(check_id, *objects)
     assert sum(not c.passed for c in err.value.result.checks) == failing

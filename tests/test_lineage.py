@@ -172,12 +172,22 @@ def test_markdown_table():
 
 
 def test_check_yourself_passes_right_answers_and_stops_on_wrong_ones(counts):
+    from course_lib.checks import check
+    from course_lib.checks import lineage as lineage_checks
     from course_tools.checking import ExerciseIncomplete
 
+    # the check's own references agree with what the lesson computes with course_lib.lineage
     ratio = counts["SDXL base"]["denoiser"].parameters / counts["SD 1.5"]["denoiser"].parameters
+    assert ratio == pytest.approx(lineage_checks.SDXL_UNET_PARAMETERS / lineage_checks.SD15_UNET_PARAMETERS, rel=1e-9)
+    for h, w in ((1024, 1024), (512, 768), (768, 1344)):
+        assert lineage_checks.mmdit_sequence_length(h, w) == L.sd3_token_count(h, w) + 77 + 256
+    assert torch.equal(lineage_checks.sdxl_time_ids((800, 600), (16, 0), (1024, 1024)),
+                       L.sdxl_add_time_ids((800, 600), (16, 0), (1024, 1024)))
+    assert not hasattr(L, "check_yourself")  # the library module holds no checker
+
     tokens = lambda h, w: (h // 16) * (w // 16) + 77 + 256  # noqa: E731
     ids = lambda o, c, t: torch.tensor([[*o, *c, *t]], dtype=torch.float32)  # noqa: E731
-    assert L.check_yourself(ratio, tokens, ids).passed
+    assert check("lineage_numbers", ratio, tokens, ids) is None
     swapped = lambda o, c, t: torch.tensor([[*o, *t, *c]], dtype=torch.float32)  # noqa: E731
     with pytest.raises(ExerciseIncomplete):
-        L.check_yourself(ratio, tokens, swapped)
+        check("lineage_numbers", ratio, tokens, swapped)

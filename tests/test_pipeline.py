@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from course_lib import diffusers_bridge as P
-from course_lib.checks import lesson07
+from course_lib.checks import check
+from course_lib.checks import pipeline as lesson07
 from course_tools.checking import ExerciseIncomplete
 from course_lib.schedules import make_timesteps
 
@@ -194,8 +195,7 @@ def test_postprocess_reference_equals_diffusers():
 
 
 def test_checker_passes_the_reference(capsys):
-    result = lesson07.check_yourself(lesson07.pipeline_shapes, lesson07.postprocess)
-    assert result.passed and result.score == result.max_score
+    assert check("pipeline_shapes", lesson07.pipeline_shapes, lesson07.postprocess) is None  # every check passed
 
 
 def test_checker_explains_the_usual_mistakes():
@@ -210,7 +210,7 @@ def test_checker_explains_the_usual_mistakes():
         return ((images / 2 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1)
 
     with pytest.raises(ExerciseIncomplete) as err:
-        lesson07.check_yourself(no_doubling, truncating)
+        check("pipeline_shapes", no_doubling, truncating)
     checks = {c.name: c for c in err.value.result.checks}
     passed = [name for name, c in checks.items() if c.passed]
     assert len(passed) == 2  # latents/images and the ValueError
@@ -218,3 +218,19 @@ def test_checker_explains_the_usual_mistakes():
     assert "2 * batch" in doubling.hint
     rounding = next(c for name, c in checks.items() if name.startswith("postprocess"))
     assert "round" in rounding.hint and "differ" in rounding.got
+
+
+def test_diffusers_sampling_loop_is_the_pipelines_own_loop(pipe):
+    """The reference loop the samplers' tests and benchmarks use gives what ``pipe(...)`` gives."""
+    from diffusers import DDIMScheduler
+
+    from course_lib.samplers import unet_model
+
+    assert P.sd_scheduler_config(timestep_spacing="trailing") == {**P.SD_SCHEDULER_CONFIG, "timestep_spacing": "trailing"}
+    assert P.sd_scheduler_config() is not P.SD_SCHEDULER_CONFIG  # a new dict each time: changing it changes nothing
+    ref = own_loop(pipe, steps=4, negative_prompt="green square", output_type="latent")
+    cond, uncond = pipe.encode_prompt(PROMPTS, "cpu", 1, True, ["green square"] * 2)
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))  # the pipeline's first draw
+    ours = P.diffusers_sampling_loop(DDIMScheduler.from_config(P.sd_scheduler_config()), 4, noise,
+                                     unet_model(pipe.unet), cond, uncond, guidance_scale=7.5)
+    assert (ours - ref).abs().max().item() <= TOL

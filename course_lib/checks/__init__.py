@@ -1,20 +1,29 @@
-"""The checks of every exercise, one module per lesson, each with its own reference implementations.
+"""Every check of the course, one module per idea, each with its own reference implementations.
 
-A notebook's checker cell calls `check` with the exercise's id and the learner's objects; the
-grader (``course_tools/grading``) runs the same `Exercise` objects against a sandboxed kernel. The
-framework is ``course_tools/checking.py``; ``docs/grading.md`` is the instructor's guide.
+There are two kinds, run the same way: the graded **exercises** of the notebooks in ``solutions/``
+(and the generated ``exercises/``), and the short **check yourself** cells of the lessons in
+``notebooks/``. A cell of either kind calls::
 
-| notebook (solutions/ and exercises/) | exercises |
-| --- | --- |
-| 00_recap_exercises | ex84_schedule_comparator, ex84_noise_predictor_evaluator, ex84_unet_analyzer |
-| 01_vae_exercises | ex85_vae_compression, ex01_reparameterise |
-| 02_cross_attention_exercises | ex02_cross_attention_head |
-| 03_clip_exercises | ex03_contrastive_loss |
-| 04_guidance_exercises | ex85_cfg_simulator, ex04_guidance_rescale |
-| 05_samplers_exercises | ex85_ddim_step_estimator, ex05_euler_step |
-| 06_controlnet_exercises | ex06_zero_convolution |
-| 07_pipeline_exercises | ex07_guided_denoising_step |
-| 08_lineage_exercises | ex08_parameter_count |
+    from course_lib.checks import check
+    check("schedule_comparator", ScheduleComparator)
+
+with the check's id and the learner's objects, in the order of the check's ``targets``. It shows one
+table of checks and returns nothing; while a check fails it stops with a one-line error (so that
+"Run all" stops there too). The grader (``course_tools/grading``) runs the same `Exercise` objects
+against a sandboxed kernel, for the graded exercises only (`EXERCISES`). The framework is
+``course_tools/checking.py``; ``docs/grading.md`` is the instructor's guide.
+
+| module | graded exercises (notebook in solutions/) | check yourself (lesson in notebooks/) |
+| --- | --- | --- |
+| recap | schedule_comparator, noise_predictor_evaluator, unet_analyser (00_recap_exercises) | snr_crossing (00_welcome) |
+| vae | vae_compression, reparameterise (01_vae_exercises) | scaling_factor (01_vae_latent_space) |
+| attention | cross_attention_head (02_cross_attention_exercises) | attention_heads (02_cross_attention) |
+| clip | contrastive_loss (03_clip_exercises) | clip_context (03_clip) |
+| guidance | cfg_simulator, guidance_rescale (04_guidance_exercises) | per_sample_guidance (04_classifier_free_guidance) |
+| samplers | ddim_step_estimator, euler_step (05_samplers_exercises) | timestep_spacing (05_ddim_and_samplers) |
+| controlnet | zero_convolution (06_controlnet_exercises) | combine_controls (06_controlnet) |
+| pipeline | guided_denoising_step (07_pipeline_exercises) | pipeline_shapes (07_complete_pipeline) |
+| lineage | parameter_count (08_lineage_exercises) | lineage_numbers (08_sd_lineage) |
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from course_tools.checking import Exercise, run_in_notebook
 from course_lib.checks import (attention, clip, controlnet, guidance, lineage, pipeline, recap, samplers,
                                vae)
 
+# The graded exercises, in the order of their notebooks: the grader scores these and only these.
 EXERCISES: dict[str, Exercise] = {
     ex.id: ex
     for ex in (
@@ -45,10 +55,40 @@ EXERCISES: dict[str, Exercise] = {
     )
 }
 
+# The lessons' "check yourself" cells, in lesson order: feedback for the learner, never graded.
+CHECK_YOURSELF: dict[str, Exercise] = {
+    ex.id: ex
+    for ex in (
+        recap.SNR_CROSSING,
+        vae.SCALING_FACTOR,
+        attention.ATTENTION_HEADS,
+        clip.CLIP_CONTEXT,
+        guidance.PER_SAMPLE_GUIDANCE,
+        samplers.TIMESTEP_SPACING,
+        controlnet.COMBINE_CONTROLS,
+        pipeline.PIPELINE_SHAPES,
+        lineage.LINEAGE_NUMBERS,
+    )
+}
 
-def check(exercise_id: str, *objects: Any) -> None:
-    """Run the checks of one exercise on the objects you defined, show the table of results, and
-    stop with a one-line error when a check fails (so that "Run all" stops there too)."""
-    if exercise_id not in EXERCISES:
-        raise KeyError(f"no exercise {exercise_id!r}; known: {', '.join(EXERCISES)}")
-    run_in_notebook(EXERCISES[exercise_id], objects)
+# Every check by id: what `check` looks up. An id names one check, of one kind.
+CHECKS: dict[str, Exercise] = {**EXERCISES, **CHECK_YOURSELF}
+
+
+def is_graded(check_id: str) -> bool:
+    """True for a graded exercise (solutions/, exercises/), False for a lesson's check-yourself cell."""
+    if check_id not in CHECKS:
+        raise ValueError(f"no check named {check_id!r}; the known ones are: {', '.join(CHECKS)}")
+    return check_id in EXERCISES
+
+
+def check(check_id: str, *objects: Any) -> None:
+    """Run the checks named ``check_id`` on the objects you defined, in the order of the check's targets.
+
+    Shows one table of results and returns None; when a check fails, stops with a one-line error
+    (``ExerciseIncomplete``) after the table, so that "Run all" stops there too.
+    """
+    if check_id not in CHECKS:
+        raise ValueError(f"no check named {check_id!r}: copy the id from the cell as the notebook gave it; "
+                         f"the known ones are: {', '.join(CHECKS)}")
+    run_in_notebook(CHECKS[check_id], objects)

@@ -1,6 +1,9 @@
-"""Checks for solutions/02_cross_attention_exercises.ipynb: one cross-attention head.
+"""Checks of cross-attention: one head with a padding mask, and splitting channels into heads.
 
-Lesson: notebooks/02_cross_attention.ipynb (queries from pixels, keys and values from words).
+| id | where | kind |
+| --- | --- | --- |
+| cross_attention_head | solutions/02_cross_attention_exercises.ipynb | graded exercise |
+| attention_heads | notebooks/02_cross_attention.ipynb | check yourself |
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def cross_attention_head(x: torch.Tensor, context: torch.Tensor, w_q: torch.Tens
 # ==============================================================================================
 # Exercise: one cross-attention head
 # ==============================================================================================
-HEAD = Exercise("ex02_cross_attention_head", "One cross-attention head", targets=("cross_attention_head",))
+HEAD = Exercise("cross_attention_head", "One cross-attention head", targets=("cross_attention_head",))
 
 
 def _case(run: Run, k: int, B: int = 2, N: int = 16, L: int = 7, d_model: int = 12, d_ctx: int = 10, d: int = 8):
@@ -113,3 +116,60 @@ def _(run, learner):
     short, _ = _call(run, learner, (x[:1], context[:1, :5], w_q, w_k, w_v))
     run.close(out[:1], short, "out with padding vs out without the padding tokens", rtol=1e-4, atol=1e-5,
               kind="tensor")
+
+
+# ==============================================================================================
+# Check yourself (notebooks/02_cross_attention.ipynb): splitting channels into heads and merging them back
+# ==============================================================================================
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, heads * d) -> (B, heads, L, d): channels [h*d, (h+1)*d) of every token go to head h."""
+    b, n, c = x.shape
+    return x.reshape(b, n, heads, c // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, L, d) -> (B, L, heads * d), the inverse of ``split_heads``."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+ATTENTION_HEADS = Exercise("attention_heads", "Check yourself: attention heads", targets=("split_heads", "merge_heads"))
+
+
+@ATTENTION_HEADS.check("split_heads(x, heads): (B, L, heads*d) -> (B, heads, L, d)",
+                       hint="x.view(B, L, heads, d) puts each token's channels into heads; then .transpose(1, 2).")
+def _(run, learner):
+    for k, (b, n, h, d) in enumerate([(2, 64, 4, 8), (1, 7, 2, 16)]):
+        x = run.randn(b, n, h * d, k=k)
+        run.tensor(run.call(learner.split_heads, x, h), f"split_heads(<x {(b, n, h * d)}>, {h})", shape=(b, h, n, d))
+
+
+@ATTENTION_HEADS.check("split_heads gives head h the channels h*d ... (h+1)*d - 1 of every token", points=2,
+                       hint="x.view(B, heads, L, d) has the right shape but mixes tokens into heads: reshape to "
+                            "(B, L, heads, d) first, then swap the L and heads axes.")
+def _(run, learner):
+    for k, (b, n, h, d) in enumerate([(2, 64, 4, 8), (3, 5, 3, 2)]):
+        x = run.randn(b, n, h * d, k=k + 2)
+        got = run.call(learner.split_heads, x, h)
+        run.close(got, split_heads(x, h), f"split_heads(<x {(b, n, h * d)}>, {h})", rtol=0, atol=0, kind="tensor")
+
+
+@ATTENTION_HEADS.check("merge_heads(x): (B, heads, L, d) -> (B, L, heads*d), heads side by side", points=2,
+                       hint="x.transpose(1, 2) gives (B, L, heads, d); .reshape(B, L, heads * d) then joins the heads "
+                            "(reshape, because the transposed tensor is not contiguous).")
+def _(run, learner):
+    for k, (b, h, n, d) in enumerate([(2, 4, 64, 8), (1, 3, 5, 2)]):
+        x = run.randn(b, h, n, d, k=k + 4)
+        got = run.call(learner.merge_heads, x)
+        run.close(got, merge_heads(x), f"merge_heads(<x {(b, h, n, d)}>)", rtol=0, atol=0, kind="tensor")
+
+
+@ATTENTION_HEADS.check("Verify: merge_heads(split_heads(x, heads)) gives x back",
+                       hint="The two functions must undo each other exactly.")
+def _(run, learner):
+    x = run.randn(2, 9, 24, k=6)
+    split = run.call(learner.split_heads, x, 6)
+    back = run.call(learner.merge_heads, split)
+    run.close(back, x, "merge_heads(split_heads(x, 6))", rtol=0, atol=0, kind="tensor")

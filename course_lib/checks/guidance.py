@@ -1,7 +1,13 @@
-"""Checks for solutions/04_guidance_exercises.ipynb: the CFG simulator (episode 85) and guidance
-rescale.
+"""Checks of classifier-free guidance: the CFG simulator, guidance rescale, one scale per sample.
 
-Lesson: notebooks/04_classifier_free_guidance.ipynb (classifier-free guidance).
+| id | where | kind |
+| --- | --- | --- |
+| cfg_simulator | solutions/04_guidance_exercises.ipynb | graded exercise (episode 85's CFG scale simulator) |
+| guidance_rescale | solutions/04_guidance_exercises.ipynb | graded exercise |
+| per_sample_guidance | notebooks/04_classifier_free_guidance.ipynb | check yourself |
+
+Notation (code name -> paper symbol):
+    scale      w     guidance scale, SD's convention (w = 1: the conditional prediction)
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ def rescale_noise_cfg(guided: torch.Tensor, pred_cond: torch.Tensor, guidance_re
 # ==============================================================================================
 # Exercise: the CFG simulator
 # ==============================================================================================
-CFG_SIMULATOR = Exercise("ex85_cfg_simulator", "CFG scale simulator", targets=("CFGSimulator",))
+CFG_SIMULATOR = Exercise("cfg_simulator", "CFG scale simulator", targets=("CFGSimulator",))
 
 
 def _sim(run: Run, learner, k: int, dim: int = 100, strength: float = 1.0):
@@ -150,7 +156,7 @@ def _(run, learner):
 # ==============================================================================================
 # Exercise: guidance rescale
 # ==============================================================================================
-RESCALE = Exercise("ex04_guidance_rescale", "Guidance rescale", targets=("rescale_noise_cfg", "guided_prediction"))
+RESCALE = Exercise("guidance_rescale", "Guidance rescale", targets=("rescale_noise_cfg", "guided_prediction"))
 
 
 def _preds(run: Run, k: int, shape=(3, 4, 8, 8)):
@@ -214,3 +220,54 @@ def _(run, learner):
         run.close(got, rescale_noise_cfg(apply_cfg(uncond, cond, scale), cond, phi),
                   f"guided_prediction(uncond, cond, {scale}, guidance_rescale={phi})", rtol=1e-4, atol=1e-5,
                   kind="tensor")
+
+
+# ==============================================================================================
+# Check yourself (notebooks/04_classifier_free_guidance.ipynb): one guidance scale per sample, the batched
+# form that lets a whole guidance sweep run as one sampling loop
+# ==============================================================================================
+
+
+def per_sample_cfg(pred_uncond: torch.Tensor, pred_cond: torch.Tensor, scale) -> torch.Tensor:
+    """uncond + w (cond - uncond), with w a number or one scale per sample (B,), broadcast as (B, 1, ...)."""
+    w = torch.as_tensor(scale, dtype=torch.float64)
+    if w.ndim == 1:
+        w = w.view(-1, *([1] * (pred_cond.ndim - 1)))  # (B, 1, 1, 1)
+    return pred_uncond.double() + w * (pred_cond.double() - pred_uncond.double())
+
+
+PER_SAMPLE_GUIDANCE = Exercise("per_sample_guidance", "Check yourself: guidance with one scale per sample",
+                               targets=("cfg",))
+
+
+def _pred_pair(run: Run, k: int, shape=(3, 4, 8, 8)):
+    return run.randn(*shape, k=k), run.randn(*shape, k=k + 10)
+
+
+@PER_SAMPLE_GUIDANCE.check("cfg(u, c, w) = u + w (c - u) for a number w", points=1,
+                           hint="Step from the unconditional prediction along (cond - uncond), w times as far.")
+def _(run, learner):
+    for k, w in enumerate((7.5, 0.0, 1.0, float(run.rng(0).uniform(1.5, 20)))):
+        u, c = _pred_pair(run, k)
+        run.close(run.call(learner.cfg, u, c, w), per_sample_cfg(u, c, w), f"cfg(uncond, cond, {w:g})",
+                  rtol=1e-5, atol=1e-5, kind="tensor")
+
+
+@PER_SAMPLE_GUIDANCE.check("cfg(u, c, w) with w of shape (B,): sample i is guided with scale w[i]", points=2,
+                           hint="A (B,) tensor broadcasts against (B, 4, 8, 8) along the LAST axis, not the batch: "
+                                "reshape it to (B, 1, 1, 1) first, e.g. w.view(-1, *[1] * (cond.ndim - 1)).")
+def _(run, learner):
+    for k, B in enumerate((4, 3)):  # B = 4 is the trap: a (4,) vector also broadcasts against the last axis
+        shape = (B, 4, 8, 4) if B == 4 else (B, 4, 8, 8)
+        u, c = _pred_pair(run, k + 20, shape)
+        w = torch.from_numpy(run.rng(k + 1).uniform(1.0, 15.0, size=B)).float()
+        run.close(run.call(learner.cfg, u, c, w), per_sample_cfg(u, c, w), f"cfg(uncond, cond, <{B} scales>)",
+                  rtol=1e-5, atol=1e-5, kind="tensor")
+
+
+@PER_SAMPLE_GUIDANCE.check("Verify: w = 0 gives the unconditional prediction and w = 1 the conditional one", points=1,
+                           hint="u + 0 (c - u) = u and u + 1 (c - u) = c.")
+def _(run, learner):
+    u, c = _pred_pair(run, 30)
+    run.close(run.call(learner.cfg, u, c, torch.tensor([0.0, 1.0, 0.0])), torch.stack([u[0], c[1], u[2]]),
+              "cfg(uncond, cond, tensor([0, 1, 0]))", rtol=1e-5, atol=1e-5, kind="tensor")

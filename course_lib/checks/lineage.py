@@ -1,7 +1,10 @@
-"""Checks for solutions/08_lineage_exercises.ipynb: counting parameters, up to SD 1.5's and SDXL's
-U-Nets built from their published configs on PyTorch's meta device (no weights, no download).
+"""Checks of the lineage SD 1.5 -> SD 2.1 -> SDXL -> SD 3: parameters counted on PyTorch's meta device
+from the published configs (no weights, no download), and the numbers that tell the releases apart.
 
-Lesson: notebooks/08_sd_lineage.ipynb (SD 1.5, 2.1, SDXL, SD 3).
+| id | where | kind |
+| --- | --- | --- |
+| parameter_count | solutions/08_lineage_exercises.ipynb | graded exercise |
+| lineage_numbers | notebooks/08_sd_lineage.ipynb | check yourself |
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def small_config(run: Run) -> dict:
 # ==============================================================================================
 # Exercise: parameter counts from configs
 # ==============================================================================================
-PARAMETER_COUNT = Exercise("ex08_parameter_count", "SD 1.5 and SDXL parameter counts",
+PARAMETER_COUNT = Exercise("parameter_count", "SD 1.5 and SDXL parameter counts",
                            targets=("count_parameters", "unet_parameter_count", "parameter_breakdown"),
                            call_timeout=60.0)
 
@@ -118,3 +121,63 @@ def _(run, learner):
         run.equal(got, parameter_breakdown(config), f"parameter_breakdown({name})")
     largest = max(got, key=got.get)
     run.expect(largest == "up_blocks", "the up blocks to hold the most parameters of SDXL's U-Net", largest)
+
+
+# ==============================================================================================
+# Check yourself (notebooks/08_sd_lineage.ipynb): the lineage in numbers
+# ==============================================================================================
+# The learner gives
+# - ``sdxl_ratio``: SDXL base's U-Net parameters over SD 1.5's (a number, from the lesson's counts);
+# - ``mmdit_sequence_length(height, width)``: tokens in one joint attention of SD 3 medium;
+# - ``sdxl_time_ids(original_size, crops_coords_top_left, target_size)``: SDXL's six extra numbers.
+
+SD3_PATCH_SIZE = 2  # SD 3 medium's transformer/config.json: 2x2 latent patches per token
+SD3_TEXT_TOKENS = 77 + 256  # CLIP's 77 tokens, then T5's 256 (StableDiffusion3Pipeline's max_sequence_length)
+
+
+def mmdit_sequence_length(height: int, width: int, factor: int = 8, patch_size: int = SD3_PATCH_SIZE,
+                          text_tokens: int = SD3_TEXT_TOKENS) -> int:
+    """Tokens in one joint attention of SD 3 medium: the image's patches plus the text's tokens."""
+    return (height // factor // patch_size) * (width // factor // patch_size) + text_tokens
+
+
+def sdxl_time_ids(original_size: tuple[int, int], crops_coords_top_left: tuple[int, int],
+                  target_size: tuple[int, int]) -> torch.Tensor:
+    """(orig h, orig w, crop top, crop left, target h, target w) as a (1, 6) float32 tensor, in the order of
+    diffusers' ``StableDiffusionXLPipeline._get_add_time_ids``."""
+    return torch.tensor([[*original_size, *crops_coords_top_left, *target_size]], dtype=torch.float32)
+
+
+LINEAGE_NUMBERS = Exercise("lineage_numbers", "Check yourself: the lineage in numbers",
+                           targets=("sdxl_ratio", "mmdit_sequence_length", "sdxl_time_ids"))
+
+
+@LINEAGE_NUMBERS.check("sdxl_ratio: SDXL base's U-Net over SD 1.5's, from the parameters() counts",
+                       hint="count(SDXL_BASE.denoiser.build()).parameters / count(SD15.denoiser.build()).parameters")
+def _(run, learner):
+    run.close(run.get(learner.sdxl_ratio, "sdxl_ratio"), SDXL_UNET_PARAMETERS / SD15_UNET_PARAMETERS, "sdxl_ratio",
+              rtol=1e-3)
+
+
+@LINEAGE_NUMBERS.check("mmdit_sequence_length(h, w): image tokens (latent side / 2 per axis) + 77 CLIP + 256 T5 "
+                       "tokens", hint="latent = pixels / 8, then 2x2 patches: (h // 16) * (w // 16) image tokens, "
+                                      "plus 77 + 256 text tokens.")
+def _(run, learner):
+    rng = run.rng(0)
+    sizes = [(1024, 1024), (512, 768)] + [tuple(int(v) * 16 for v in rng.integers(16, 96, size=2)) for _ in range(3)]
+    for h, w in sizes:
+        got = run.call(learner.mmdit_sequence_length, h, w)
+        run.equal(got, mmdit_sequence_length(h, w), f"mmdit_sequence_length({h}, {w})")
+
+
+@LINEAGE_NUMBERS.check("sdxl_time_ids(original, crop, target): the six numbers, in the order the U-Net was trained "
+                       "with", hint="(original h, original w, crop top, crop left, target h, target w), as a (1, 6) "
+                                    "tensor, like diffusers' StableDiffusionXLPipeline._get_add_time_ids.")
+def _(run, learner):
+    rng = run.rng(1)
+    for _ in range(3):
+        orig = tuple(int(v) * 64 for v in rng.integers(4, 24, size=2))
+        crop = tuple(int(v) * 8 for v in rng.integers(0, 32, size=2))
+        got = run.call(learner.sdxl_time_ids, orig, crop, (1024, 1024))
+        run.close(got, sdxl_time_ids(orig, crop, (1024, 1024)), f"sdxl_time_ids({orig}, {crop}, (1024, 1024))",
+                  kind="tensor")

@@ -1,7 +1,13 @@
-"""Checks for solutions/00_recap_exercises.ipynb: part 1's three exercises (noise schedules,
-noise-predictor baselines, U-Net arithmetic), with the course's own reference implementations.
+"""Checks of the recap of part 1: noise schedules, SNR, noise-predictor baselines, U-Net arithmetic.
 
-Lesson: notebooks/00_welcome.ipynb (recap of schedules, SNR and DDPM).
+| id | where | kind |
+| --- | --- | --- |
+| schedule_comparator | solutions/00_recap_exercises.ipynb | graded exercise |
+| noise_predictor_evaluator | solutions/00_recap_exercises.ipynb | graded exercise |
+| unet_analyser | solutions/00_recap_exercises.ipynb | graded exercise |
+| snr_crossing | notebooks/00_welcome.ipynb | check yourself |
+
+Each check keeps its own reference implementation here (float64 where it matters).
 """
 
 from __future__ import annotations
@@ -104,7 +110,7 @@ def unet_levels(in_ch: int, channels: list[int], input_res: int) -> list[dict]:
 # ==============================================================================================
 # Exercise 1: the schedule comparator
 # ==============================================================================================
-SCHEDULES = Exercise("ex84_schedule_comparator", "Noise schedule comparator", targets=("ScheduleComparator",))
+SCHEDULES = Exercise("schedule_comparator", "Noise schedule comparator", targets=("ScheduleComparator",))
 
 
 @SCHEDULES.setup
@@ -184,7 +190,7 @@ def _(run, learner):
 # ==============================================================================================
 # Exercise 2: the noise-predictor evaluator
 # ==============================================================================================
-EVALUATOR = Exercise("ex84_noise_predictor_evaluator", "Noise-predictor evaluator", targets=("DiffusionEvaluator",))
+EVALUATOR = Exercise("noise_predictor_evaluator", "Noise-predictor evaluator", targets=("DiffusionEvaluator",))
 _SMALL = dict(T=200, n_samples=400, img_shape=(1, 8, 8))
 
 
@@ -302,7 +308,7 @@ def _(run, learner):
 # ==============================================================================================
 # Exercise 3: the U-Net analyser
 # ==============================================================================================
-UNET = Exercise("ex84_unet_analyzer", "U-Net analyser", targets=("UNetAnalyzer",))
+UNET = Exercise("unet_analyser", "U-Net analyser", targets=("UNetAnalyzer",))
 
 
 def _configs(run: Run) -> list[tuple[int, list[int], int]]:
@@ -382,3 +388,64 @@ def _(run, learner):
         want = sum(x["params"] for x in lv if x["name"].startswith("dec_")) / sum(x["params"] for x in lv)
         run.close(got, want, f"decoder_share({res}) for {chans}", rtol=1e-9, kind="number")
         run.expect(want > 0.7, "a share over 0.7", f"{want:.3f}")
+
+
+# ==============================================================================================
+# Check yourself (notebooks/00_welcome.ipynb): SNR and its 0 dB crossing
+# ==============================================================================================
+# The learner writes ``snr_db(alphas_cumprod)`` and ``first_below(alphas_cumprod, level_db)``; the checks
+# run them on the course's three schedules and on random ones, against references in float64.
+
+
+def first_below(alphas_cumprod: torch.Tensor, level_db: float = 0.0) -> int:
+    """The first timestep whose SNR is at or below ``level_db``; len(alphas_cumprod) if there is none."""
+    below = (snr_db(alphas_cumprod.double()) <= level_db).nonzero()
+    return int(below[0]) if len(below) else len(alphas_cumprod)
+
+
+def _lesson_schedules() -> dict[str, torch.Tensor]:
+    """The three schedules lesson 0 plots, as the course's library builds them."""
+    from course_lib.schedules import NoiseSchedule, cosine_betas, linear_betas, sd_schedule
+
+    return {
+        "linear": NoiseSchedule.from_betas(linear_betas(1000)).alphas_cumprod,
+        "cosine": NoiseSchedule.from_betas(cosine_betas(1000)).alphas_cumprod,
+        "SD scaled-linear": sd_schedule().alphas_cumprod,
+    }
+
+
+SNR_CROSSING = Exercise("snr_crossing", "Check yourself: SNR and its 0 dB crossing", targets=("snr_db", "first_below"))
+
+
+@SNR_CROSSING.check("snr_db(alphas_cumprod) is 10 log10(alpha_bar / (1 - alpha_bar)) for every timestep", points=2,
+                    hint="Work elementwise on the whole tensor: 10 * torch.log10(ab / (1 - ab)).")
+def _(run, learner):
+    for name, ab in _lesson_schedules().items():
+        got = run.call(learner.snr_db, ab.clone(), label=f"snr_db(<{name} alphas_cumprod>)")
+        run.close(got, snr_db(ab.double()), f"snr_db(<{name} alphas_cumprod>)", rtol=1e-4, atol=1e-3, kind="tensor")
+
+
+@SNR_CROSSING.check("first_below finds the first timestep at or below a level, on any schedule", points=2,
+                    hint="(snr_db(ab) <= level_db).nonzero() lists the timesteps below the level; take the first one.")
+def _(run, learner):
+    for name, ab in _lesson_schedules().items():
+        got = run.call(learner.first_below, ab.clone(), 0.0, label=f"first_below(<{name}>, 0.0)")
+        run.equal(int(run.number(got, f"first_below(<{name}>, 0.0)")), first_below(ab, 0.0),
+                  f"first_below(<{name}>, 0.0)")
+    rng = run.rng(0)
+    for k in range(2):
+        betas = torch.sort(torch.tensor(rng.uniform(1e-4, 0.03, size=200), dtype=torch.float32)).values
+        ab = torch.cumprod(1 - betas, 0)
+        level = float(rng.uniform(-10, 10))
+        label = f"first_below(<random schedule {k}>, {level:.2f})"
+        got = run.call(learner.first_below, ab.clone(), level, label=label)
+        run.equal(int(run.number(got, label)), first_below(ab, level), label)
+
+
+@SNR_CROSSING.check("Verify: the cosine schedule crosses 0 dB later than the linear one, and SD's lies between",
+                    points=1, hint="Compute first_below(ab, 0.0) for each of the three schedules and compare.")
+def _(run, learner):
+    at = {name: int(run.number(run.call(learner.first_below, ab.clone(), 0.0), f"first_below(<{name}>, 0.0)"))
+          for name, ab in _lesson_schedules().items()}
+    run.expect(at["linear"] < at["SD scaled-linear"] < at["cosine"], "linear < SD scaled-linear < cosine",
+               ", ".join(f"{k}: {v}" for k, v in at.items()))

@@ -1,22 +1,28 @@
-"""Checks for solutions/05_samplers_exercises.ipynb: the DDIM step estimator (episode 85) and one
-Euler step in sigma space.
+"""Checks of DDIM and modern samplers: the DDIM step estimator, one Euler step, timestep spacing.
 
-Lesson: notebooks/05_ddim_and_samplers.ipynb (DDIM and modern samplers).
+| id | where | kind |
+| --- | --- | --- |
+| ddim_step_estimator | solutions/05_samplers_exercises.ipynb | graded exercise (episode 85's DDIM step estimator) |
+| euler_step | solutions/05_samplers_exercises.ipynb | graded exercise |
+| timestep_spacing | notebooks/05_ddim_and_samplers.ipynb | check yourself |
 
 Notation (code name -> paper symbol):
     alpha_bar   ᾱ_t                    cumulative product of (1 - β) (DDPM)
     sigma       σ_t = sqrt((1 - ᾱ_t)/ᾱ_t)   noise level of x/sqrt(ᾱ) (Karras et al. 2022, k-diffusion)
     denoised    D(x; σ)                the model's estimate of x_0
+    T           number of training timesteps (1000), timesteps 0 .. T-1
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 
 from course_tools.checking import Exercise, Run
+from course_lib.schedules import make_timesteps
 
 STEP_COUNTS = (5, 10, 20, 50, 100, 200, 500, 1000)
 
@@ -81,7 +87,7 @@ def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next
 # ==============================================================================================
 # Exercise: the DDIM step estimator
 # ==============================================================================================
-DDIM_ESTIMATOR = Exercise("ex85_ddim_step_estimator", "DDIM step estimator", targets=("DDIMStepEstimator",),
+DDIM_ESTIMATOR = Exercise("ddim_step_estimator", "DDIM step estimator", targets=("DDIMStepEstimator",),
                           call_timeout=20.0)
 
 
@@ -163,7 +169,7 @@ def _(run, learner):
 # ==============================================================================================
 # Exercise: one Euler step
 # ==============================================================================================
-EULER = Exercise("ex05_euler_step", "One Euler step", targets=("sigmas_from_alpha_bars", "scale_model_input",
+EULER = Exercise("euler_step", "One Euler step", targets=("sigmas_from_alpha_bars", "scale_model_input",
                                                                "euler_step"))
 
 
@@ -220,3 +226,58 @@ def _(run, learner):
         errors[n] = float(((x - exact) ** 2).mean())
     run.expect(errors[10] / max(errors[40], 1e-300) > 8, "the MSE at 40 steps at least 8x below the MSE at 10 steps",
                f"MSE {errors[10]:.3g} at 10 steps, {errors[40]:.3g} at 40")
+
+
+# ==============================================================================================
+# Check yourself (notebooks/05_ddim_and_samplers.ipynb): which timesteps a sampler visits under "leading"
+# (with SD's steps_offset), "trailing" and "linspace" spacing
+# ==============================================================================================
+
+
+def spaced_timesteps(num_steps: int, spacing: str, steps_offset: int = 1, T: int = 1000) -> torch.Tensor:
+    """diffusers' spacings (Lin et al. 2023, Table 2), noisiest first; steps_offset applies to "leading" only."""
+    return make_timesteps(num_steps, T, spacing, steps_offset if spacing == "leading" else 0)
+
+
+TIMESTEP_SPACING = Exercise("timestep_spacing", "Check yourself: timestep spacing", targets=("spaced_timesteps",))
+
+
+def _ts(run: Run, learner, n: int, spacing: str, **kw: Any) -> np.ndarray:
+    label = f"spaced_timesteps({n}, {spacing!r}" + "".join(f", {k}={v}" for k, v in kw.items()) + ")"
+    got = run.call(learner.spaced_timesteps, n, spacing, **kw, label=label)
+    arr = run.tensor(got, label, shape=(n,), kind="any")
+    run.expect(bool(np.all(np.diff(arr) < 0)), f"{label} in decreasing order (noisiest first)",
+               f"{arr[:5].astype(int).tolist()}...", "Samplers start at the noisiest timestep: flip the order.")
+    return arr
+
+
+@TIMESTEP_SPACING.check('"leading": multiples of T // N, plus steps_offset (SD: 981, 961, ..., 1 for 50 steps)',
+                        points=1,
+                        hint="np.arange(N)[::-1] * (T // N) + steps_offset.")
+def _(run, learner):
+    for n, off in ((50, 1), (20, 0), (int(run.rng(2).integers(3, 60)), 1)):
+        want = spaced_timesteps(n, "leading", off).numpy()
+        run.close(_ts(run, learner, n, "leading", steps_offset=off), want, f"spaced_timesteps({n}, 'leading', "
+                  f"steps_offset={off})", rtol=0, atol=0)
+
+
+@TIMESTEP_SPACING.check('"trailing": count back from T - 1 in steps of T / N (999, 979, ..., 19 for 50 steps)',
+                        points=1,
+                        hint="np.round(np.arange(T, 0, -T / N)) - 1: it always starts at the last training timestep.")
+def _(run, learner):
+    for n in (50, 7, int(run.rng(3).integers(3, 60))):
+        got = _ts(run, learner, n, "trailing")
+        want = spaced_timesteps(n, "trailing").numpy()
+        run.equal(int(got[0]), 999, f"spaced_timesteps({n}, 'trailing')[0]",
+                  "Trailing spacing starts at T - 1 = 999, the timestep with the least signal.")
+        run.close(got, want, f"spaced_timesteps({n}, 'trailing')", rtol=0, atol=1,
+                  hint="Count back from T in steps of T / N, round, subtract 1.")
+
+
+@TIMESTEP_SPACING.check('"linspace": N points evenly over [0, T - 1], rounded (999 ... 0)', points=1,
+                        hint="np.linspace(0, T - 1, N).round()[::-1]: both ends are visited.")
+def _(run, learner):
+    for n in (50, 7, int(run.rng(4).integers(3, 60))):
+        got = _ts(run, learner, n, "linspace")
+        run.equal((int(got[0]), int(got[-1])), (999, 0), f"spaced_timesteps({n}, 'linspace') first and last")
+        run.close(got, spaced_timesteps(n, "linspace").numpy(), f"spaced_timesteps({n}, 'linspace')", rtol=0, atol=1)

@@ -1,10 +1,15 @@
-"""Checks for solutions/01_vae_exercises.ipynb: the VAE compression analyser (episode 85) and the
-reparameterisation trick with its KL term.
+"""Checks of latent diffusion and the VAE: compression arithmetic, reparameterisation, the scaling factor.
 
-Lesson: notebooks/01_vae_latent_space.ipynb (latent diffusion and the VAE).
+| id | where | kind |
+| --- | --- | --- |
+| vae_compression | solutions/01_vae_exercises.ipynb | graded exercise (episode 85's VAE compression analyser) |
+| reparameterise | solutions/01_vae_exercises.ipynb | graded exercise |
+| scaling_factor | notebooks/01_vae_latent_space.ipynb | check yourself |
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -49,7 +54,7 @@ def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Ten
 # ==============================================================================================
 # Exercise: the VAE compression analyser
 # ==============================================================================================
-COMPRESSION = Exercise("ex85_vae_compression", "VAE compression analyser", targets=("VAECompressionAnalyzer",))
+COMPRESSION = Exercise("vae_compression", "VAE compression analyser", targets=("VAECompressionAnalyzer",))
 _KEYS = ("pixel_elements", "latent_elements", "compression", "pixel_mib", "latent_mib", "saved_mib",
          "latent_steps_per_pixel_step", "images_per_pixel_step")
 
@@ -123,7 +128,7 @@ def _(run, learner):
 # ==============================================================================================
 # Exercise: the reparameterisation trick
 # ==============================================================================================
-REPARAMETERISE = Exercise("ex01_reparameterise", "The reparameterisation trick",
+REPARAMETERISE = Exercise("reparameterise", "The reparameterisation trick",
                           targets=("reparameterise", "kl_divergence"))
 
 
@@ -194,3 +199,67 @@ def _(run, learner):
                   kind="tensor")
     zero = run.call(learner.kl_divergence, torch.zeros(2, 3), torch.zeros(2, 3))
     run.close(zero, torch.zeros(2), "kl_divergence(0, 0)", atol=1e-7, kind="tensor")
+
+
+# ==============================================================================================
+# Check yourself (notebooks/01_vae_latent_space.ipynb): the scaling factor and the SNR of unscaled latents
+# ==============================================================================================
+
+
+def scaling_factor(latents: torch.Tensor) -> float:
+    """1 / standard deviation of all the latents' elements (how SD's 0.18215 was found)."""
+    return float(1.0 / latents.double().std())
+
+
+def latent_snr_db(alpha_bar: torch.Tensor, latent_std: float) -> torch.Tensor:
+    """SNR in dB of sqrt(abar) x0 + sqrt(1 - abar) eps when x0 has standard deviation ``latent_std``."""
+    ab = alpha_bar.double()
+    return 10 * torch.log10(ab / (1 - ab) * latent_std**2)
+
+
+SCALING_FACTOR = Exercise("scaling_factor", "Check yourself: scaling latents", targets=("scaling_factor", "snr_db"))
+
+
+@SCALING_FACTOR.check("scaling_factor(latents) is 1 / the standard deviation of all the latents' elements", points=2,
+                      hint="Take the std over every element at once (latents.std()), not per channel or per image, and "
+                           "return 1 / std as a Python float (.item()).")
+def _(run, learner):
+    for k, (shape, spread, shift) in enumerate([((64, 4, 8, 8), 5.49, 0.0), ((16, 4, 8, 8), 0.7, 0.3),
+                                                ((8, 16, 8, 8), 1.3, -0.5)]):
+        z = run.randn(*shape, k=k) * spread + shift
+        got = run.call(learner.scaling_factor, z, label=f"scaling_factor(<latents {shape}, std about {spread}>)")
+        run.close(got, scaling_factor(z), f"scaling_factor(<latents with std about {spread}>)", rtol=2e-3,
+                  kind="number")
+
+
+@SCALING_FACTOR.check("Verify: latents * scaling_factor(latents) have standard deviation 1",
+                      hint="Multiplying by a number multiplies the std by that number: the factor is 1 / std.")
+def _(run, learner):
+    z = run.randn(32, 4, 8, 8, k=5) * 3.7 + 1.0
+    f = run.number(run.call(learner.scaling_factor, z), "scaling_factor(latents)")
+    run.close((z.double() * f).std().item(), 1.0, "the std of latents * scaling_factor(latents)", rtol=2e-3)
+
+
+@SCALING_FACTOR.check("snr_db(alpha_bar, latent_std) = 10 log10(alpha_bar / (1 - alpha_bar) * latent_std^2)", points=2,
+                      hint="The signal sqrt(alpha_bar) x0 has power alpha_bar * std^2, the noise sqrt(1 - alpha_bar) eps has "
+                           "power 1 - alpha_bar; their ratio in dB is 10 log10 of it.")
+def _(run, learner):
+    from course_lib.schedules import sd_schedule
+
+    ab = sd_schedule().alphas_cumprod.float()
+    rng = run.rng(0)
+    for std in (1.0, 1 / 0.18215, float(rng.uniform(0.2, 4.0))):
+        got = run.call(learner.snr_db, ab, std, label=f"snr_db(<SD's alphas_cumprod>, {std:.4g})")
+        run.close(got, latent_snr_db(ab, std), f"snr_db(<SD's alphas_cumprod>, {std:.4g})", rtol=1e-4, atol=1e-3,
+                  kind="tensor")
+
+
+@SCALING_FACTOR.check("Verify: latents with std s gain 20 log10(s) dB at every timestep",
+                      hint="log10(x * s^2) = log10(x) + 2 log10(s).")
+def _(run, learner):
+    ab = torch.linspace(0.999, 0.005, 50)
+    s = float(run.rng(1).uniform(2.0, 8.0))
+    a = run.tensor(run.call(learner.snr_db, ab, s), f"snr_db(ab, {s:.3g})", shape=(50,))
+    b = run.tensor(run.call(learner.snr_db, ab, 1.0), "snr_db(ab, 1.0)", shape=(50,))
+    run.close(a - b, torch.full((50,), 20 * math.log10(s)), "snr_db(ab, s) - snr_db(ab, 1)", rtol=1e-4, atol=1e-3,
+              kind="array")

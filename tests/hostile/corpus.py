@@ -5,8 +5,8 @@ The notebooks are built from the current solution and exercise notebooks, so the
     python tests/hostile/corpus.py OUT_DIR      # write them, then: python course.py grade OUT_DIR
 
 tests/test_grader.py grades them all in one batch and checks every row against `EXPECTED`.
-Scores: the notebook has 28 points: ex84_schedule_comparator 9, ex84_noise_predictor_evaluator 11,
-ex84_unet_analyzer 8.
+Scores: the notebook has 28 points: schedule_comparator 9, noise_predictor_evaluator 11,
+unet_analyser 8.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _mix(solved_ids: set[str]) -> nbformat.NotebookNode:
     return nb
 
 
-EX1, EX2, EX3 = ("ex84-schedule-comparator", "ex84-noise-predictor-evaluator", "ex84-unet-analyzer")
+EX1, EX2, EX3 = ("schedule-comparator", "noise-predictor-evaluator", "unet-analyser")
 
 
 def one_seed_cheat() -> str:
