@@ -80,13 +80,13 @@ def save_model(model: nn.Module, name: str, config: Any, card: dict, weights_dir
     ``card`` holds what training knows (data seed, steps, losses, metrics, wall time, device).
     Floating tensors are stored as ``dtype`` (float32 by default).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensor_path, card_path = _paths(name, weights_dir)
     tensor_path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
              for k, v in model.state_dict().items()}
-    save_file(state, str(tensor_path), metadata={"name": name, "format": "pt"})
+    tensor_path.write_bytes(_canonical_header(save(state, metadata={"name": name, "format": "pt"})))
     full_card = {
         "name": name,
         "card_version": CARD_VERSION,
@@ -102,6 +102,22 @@ def save_model(model: nn.Module, name: str, config: Any, card: dict, weights_dir
         full_card["versions"] = library_versions()
     card_path.write_text(json.dumps(full_card, indent=2, default=_json_default) + "\n")
     return tensor_path
+
+
+def _canonical_header(raw: bytes) -> bytes:
+    """The same safetensors file with its JSON header written with sorted keys.
+
+    safetensors lays the tensor bytes out in a fixed order but writes the header's metadata in
+    hash order, which changes from run to run; sorting it makes a retrained model's file
+    bit-identical, so its sha256 in the model card is reproducible too. The layout is
+    8 bytes (little-endian header length), the JSON header padded with spaces to a multiple of 8,
+    then the tensor bytes, which are kept as they are.
+    """
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + raw[8 + n:]
 
 
 def _json_default(obj):

@@ -34,6 +34,19 @@ def test_round_trip_gives_identical_outputs(saved):
         assert key in card
 
 
+def test_saving_is_bit_reproducible(saved, tmp_path):
+    """The same model saved again gives the same bytes (safetensors' own header order varies per call)."""
+    model, d = saved
+    first = (d / "vae.safetensors").read_bytes()
+    for i in range(8):
+        save_model(model, "vae", TINY, {"data": {"seed": 0}, "steps": 1, "metrics": {}}, tmp_path / str(i))
+        assert (tmp_path / str(i) / "vae.safetensors").read_bytes() == first
+    n = int.from_bytes(first[:8], "little")
+    header = json.loads(first[8:8 + n])
+    assert list(header) == sorted(header) and list(header["__metadata__"]) == sorted(header["__metadata__"])
+    assert n % 8 == 0
+
+
 def test_loading_follows_the_requested_dtype(saved):
     _, d = saved
     assert next(load_vae(d, dtype=torch.float64).parameters()).dtype == torch.float64
