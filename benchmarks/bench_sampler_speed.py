@@ -36,12 +36,12 @@ from diffusers import (  # noqa: E402
     HeunDiscreteScheduler,
 )
 
+from course_lib.diffusers_bridge import diffusers_sampling_loop, sd_scheduler_config  # noqa: E402
 from course_lib.guidance import guided_model  # noqa: E402
 from course_lib.samplers import SAMPLERS, unet_model  # noqa: E402
 from course_lib.schedules import make_timesteps, sd_schedule  # noqa: E402
 
-SD_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                 steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+SD_CONFIG = sd_scheduler_config()
 
 # sampler -> (diffusers scheduler, extra config, course timesteps for N steps, course kwargs)
 PAIRS = {
@@ -108,24 +108,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
 def diffusers_loop(scheduler_cls, config, num_steps, noise, model, texts, scale, seed):
-    """StableDiffusionPipeline's denoising loop (with CFG when `texts` is given)."""
-    scheduler = scheduler_cls.from_config(config)
-    scheduler.set_timesteps(num_steps, device=noise.device)
-    generator = torch.Generator(noise.device).manual_seed(seed)
-    latents = noise * scheduler.init_noise_sigma
-    embeds = None if texts is None else torch.cat([texts[1], texts[0]])
-    for t in scheduler.timesteps:
-        latent_in = latents if texts is None else torch.cat([latents] * 2)
-        latent_in = scheduler.scale_model_input(latent_in, t)
-        out = model(latent_in, t.expand(latent_in.shape[0]), embeds)
-        if texts is not None:
-            out_uncond, out_text = out.chunk(2)
-            out = out_uncond + scale * (out_text - out_uncond)
-        extra = {} if scheduler_cls is HeunDiscreteScheduler else {"generator": generator}  # Heun takes none
-        latents = scheduler.step(out, t, latents, **extra).prev_sample
-    return latents
+    """StableDiffusionPipeline's denoising loop (with CFG when `texts` = (cond, uncond) is given)."""
+    generator = None if scheduler_cls is HeunDiscreteScheduler else torch.Generator(noise.device).manual_seed(seed)
+    cond, uncond = (None, None) if texts is None else texts
+    return diffusers_sampling_loop(scheduler_cls.from_config(config), num_steps, noise, model, cond, uncond,
+                                   guidance_scale=scale, generator=generator)
 
 
 def course_run(name, num_steps, noise, model, texts, scale, seed):

@@ -1,8 +1,8 @@
-"""The complete pipeline: the course's sampler and guidance driving diffusers' StableDiffusionPipeline.
+"""The bridge to diffusers (the course's own pipeline is ``tiny_sd.TinySD``): StableDiffusionPipeline, course samplers.
 
 Lesson 7 (``notebooks/07_complete_pipeline.ipynb``) walks through ``TinySD.generate`` step by step and
 maps every step onto ``StableDiffusionPipeline.__call__``. This module holds the parts of that lesson
-that talk to ``diffusers``:
+that talk to ``diffusers`` (the course's weights in diffusers' model classes are ``diffusers_weights``):
 
 - ``build_tiny_pipeline``: a real ``StableDiffusionPipeline`` made of tiny random parts (a
   ``UNet2DConditionModel``, an ``AutoencoderKL``, a ``CLIPTextModel`` and a ``CLIPTokenizer`` read from
@@ -12,6 +12,8 @@ that talk to ``diffusers``:
 - ``generate_with_course_sampler``: the pipeline's own text encoder, U-Net and VAE, but the denoising
   loop is the course's (``samplers`` + ``guidance``). With the matching scheduler it gives the latents
   of ``pipe(...)`` itself (tests/test_pipeline.py, tests/test_real_unet_parity.py).
+- ``sd_scheduler_config`` (SD 1.x's scheduler settings) and ``diffusers_sampling_loop`` (the pipeline's
+  denoising loop on any model): the reference the course's samplers are compared with.
 - ``load_real_sd``: a real Stable Diffusion checkpoint (SD 1.5 by default) in float16 on a GPU, or
   ``None`` with a message that says why not (no CUDA, offline, Hub unreachable, model id gone).
 
@@ -53,9 +55,15 @@ from .schedules import NoiseSchedule, scaled_linear_betas
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 # SD 1.x's scheduler settings (its scheduler_config.json); diffusers' DDIMScheduler defaults to
-# clip_sample=True, which is wrong for latents.
+# clip_sample=True, which is wrong for latents. The one copy in the course: tests and benchmarks use it too.
 SD_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                            beta_end=0.012, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+
+
+def sd_scheduler_config(**changes) -> dict:
+    """SD 1.x's scheduler settings with ``changes`` on top, as a new dict for ``Scheduler.from_config``,
+    e.g. ``sd_scheduler_config(prediction_type="v_prediction", timestep_spacing="trailing")``."""
+    return {**SD_SCHEDULER_CONFIG, **changes}
 
 # SD 1.5's own scheduler is PNDMScheduler (its scheduler_config.json), in its PLMS form: skip_prk_steps=True.
 SD15_SCHEDULER_CONFIG = dict(SD_SCHEDULER_CONFIG, skip_prk_steps=True)
@@ -155,7 +163,7 @@ def build_tiny_pipeline(config: TinyPipelineConfig | None = None, scheduler=None
             num_attention_heads=2, num_hidden_layers=cfg.text_layers, max_position_embeddings=cfg.max_length,
             bos_token_id=0, eos_token_id=1, pad_token_id=1,
         ))
-    scheduler = scheduler if scheduler is not None else DDIMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    scheduler = scheduler if scheduler is not None else DDIMScheduler.from_config(sd_scheduler_config())
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -172,6 +180,46 @@ def count_unet_calls(pipe, *args, **kwargs) -> tuple[Any, list[int]]:
     finally:
         hook.remove()
     return out, calls
+
+
+# ==============================================================================================
+# diffusers' own loop, for comparison
+# ==============================================================================================
+
+
+@torch.no_grad()
+def diffusers_sampling_loop(scheduler, num_steps: int, noise: torch.Tensor, model, cond: torch.Tensor | None = None,
+                            uncond: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                            guidance_rescale: float = 0.0, generator: torch.Generator | None = None,
+                            **step_kwargs) -> torch.Tensor:
+    """The denoising loop of ``StableDiffusionPipeline.__call__`` (diffusers 0.42), on any ``model(x, t, cond)``:
+    what the course's samplers are compared with in the tests and benchmarks.
+
+    noise: unit Gaussian (B, C, h, w); scaled by ``scheduler.init_noise_sigma`` here, as ``prepare_latents`` does.
+    With ``uncond`` (B, L, D), every step runs the model once on the batch [uncond, cond] and combines the two
+    halves with classifier-free guidance (and diffusers' ``rescale_noise_cfg`` when ``guidance_rescale > 0``).
+    generator: passed to ``scheduler.step`` for the stochastic schedulers (leave it None for
+    ``HeunDiscreteScheduler``, whose ``step`` takes none). Other keyword arguments go to ``step`` (``eta=``).
+    """
+    scheduler.set_timesteps(num_steps, device=noise.device)
+    if generator is not None:
+        step_kwargs = {**step_kwargs, "generator": generator}
+    guided = uncond is not None
+    embeds = torch.cat([uncond, cond]) if guided else cond  # (2B, L, D): the pipeline's [negative, prompt] order
+    latents = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        latent_in = torch.cat([latents] * 2) if guided else latents  # (2B, C, h, w) with guidance
+        latent_in = scheduler.scale_model_input(latent_in, t)
+        out = model(latent_in, t.expand(latent_in.shape[0]), embeds)
+        if guided:
+            out_uncond, out_text = out.chunk(2)
+            out = out_uncond + guidance_scale * (out_text - out_uncond)
+            if guidance_rescale > 0.0:
+                with _transformers_errors_only():
+                    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+                out = rescale_noise_cfg(out, out_text, guidance_rescale=guidance_rescale)
+        latents = scheduler.step(out, t, latents, **step_kwargs).prev_sample
+    return latents
 
 
 # ==============================================================================================

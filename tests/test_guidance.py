@@ -5,12 +5,12 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg as diffusers_rescale
 
+from course_lib.diffusers_bridge import diffusers_sampling_loop, sd_scheduler_config
 from course_lib.guidance import classifier_free_guidance, guided_model, rescale_noise_cfg
 from course_lib.samplers import ddim, dpmpp_2m, euler
 from course_lib.schedules import make_timesteps, sd_schedule
 
-SD_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                 steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+SD_CONFIG = sd_scheduler_config()
 
 
 def randn(*shape, seed=0):
@@ -168,18 +168,8 @@ def test_guided_model_errors():
 
 def pipeline_loop(scheduler, num_steps, noise, cond, uncond, scale, rescale):
     """StableDiffusionPipeline's denoising loop, verbatim in substance, on the stand-in model."""
-    scheduler.set_timesteps(num_steps)
-    latents = noise * scheduler.init_noise_sigma
-    embeds = torch.cat([uncond, cond])
-    for t in scheduler.timesteps:
-        latent_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-        noise_pred = text_model(latent_in, t.expand(latent_in.shape[0]), embeds)
-        noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-        noise_pred = noise_pred_uncond + scale * (noise_pred_text - noise_pred_uncond)
-        if rescale > 0:
-            noise_pred = diffusers_rescale(noise_pred, noise_pred_text, guidance_rescale=rescale)
-        latents = scheduler.step(noise_pred, t, latents).prev_sample
-    return latents
+    return diffusers_sampling_loop(scheduler, num_steps, noise, text_model, cond, uncond, guidance_scale=scale,
+                                   guidance_rescale=rescale)
 
 
 @pytest.mark.parametrize("rescale", [0.0, 0.7])

@@ -18,13 +18,12 @@ from diffusers import (
 )
 
 from course_lib.guidance import guided_model
-from course_lib.diffusers_bridge import TinyPipelineConfig, build_tiny_pipeline
+from course_lib.diffusers_bridge import TinyPipelineConfig, build_tiny_pipeline, sd_scheduler_config
 from course_lib.samplers import SAMPLERS, unet_model
 from course_lib.schedules import NoiseSchedule, make_timesteps, rescale_zero_terminal_snr, scaled_linear_betas, sd_schedule
 
 TOL = 1e-5
-SD_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                 steps_offset=1, set_alpha_to_one=False, clip_sample=False, trained_betas=None)
+SD_CONFIG = sd_scheduler_config()
 MAX_LEN = 24  # the tokenizer's model_max_length (SD: 77)
 
 

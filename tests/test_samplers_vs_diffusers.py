@@ -18,6 +18,7 @@ from diffusers import (
     HeunDiscreteScheduler,
 )
 
+from course_lib.diffusers_bridge import diffusers_sampling_loop, sd_scheduler_config
 from course_lib.samplers import ddim, ddpm, dpmpp_2m, euler, euler_ancestral, heun
 from course_lib.schedules import (
     NoiseSchedule,
@@ -28,10 +29,7 @@ from course_lib.schedules import (
 )
 
 TOL = 1e-5
-SD_CONFIG = dict(  # Stable Diffusion 1.x's scheduler_config.json
-    num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-    steps_offset=1, set_alpha_to_one=False, clip_sample=False, trained_betas=None,
-)
+SD_CONFIG = sd_scheduler_config()  # Stable Diffusion 1.x's scheduler_config.json
 STEPS = [1, 7, 20, 50]
 PREDICTIONS = ["epsilon", "v_prediction"]
 SCHED = sd_schedule()
@@ -65,15 +63,10 @@ def noise(seed=0, shape=(2, 4, 8, 8)):
 
 
 def diffusers_loop(scheduler, num_steps, x, model, seed=None, **step_kwargs):
-    """The denoising loop of StableDiffusionPipeline, without guidance."""
-    scheduler.set_timesteps(num_steps)
-    if seed is not None:  # stochastic schedulers only (HeunDiscreteScheduler.step takes no generator)
-        step_kwargs = {**step_kwargs, "generator": torch.Generator().manual_seed(seed)}
-    x = x * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        out = model(scheduler.scale_model_input(x, t), t.expand(x.shape[0]), None)
-        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
-    return x
+    """The denoising loop of StableDiffusionPipeline, without guidance; a seed for the stochastic schedulers
+    only (HeunDiscreteScheduler.step takes no generator)."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return diffusers_sampling_loop(scheduler, num_steps, x, model, generator=generator, **step_kwargs)
 
 
 def max_diff(a, b):
