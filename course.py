@@ -152,7 +152,9 @@ def cmd_gpu(args: list) -> int:
     problem = cuda_problem(py)
     if problem:
         sys.exit(f"course.py gpu: {problem}")
-    env = dict(os.environ, COURSE_DEVICE="cuda", COURSE_PROGRESS="0")
+    # NVIDIA_TF32_OVERRIDE=0: no TF32 in cuBLAS and cuDNN in any process (the notebook kernels too), so that
+    # comparisons at float32 tolerance mean what they say; tests/conftest.py also turns TF32 off in torch.
+    env = dict(os.environ, COURSE_DEVICE="cuda", COURSE_PROGRESS="0", NVIDIA_TF32_OVERRIDE="0")
     # tests/ (the solutions and the student notebooks run inside tests/test_exercises.py) and every lesson.
     code = run([py, "-m", "pytest", "tests", "notebooks", "-m", "not browser", *args], env=env)
     for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):

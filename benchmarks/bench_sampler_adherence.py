@@ -10,7 +10,7 @@ from the same starting noise and scores the images with the course's evaluator (
 the fraction of images whose every captioned attribute is confirmed). It then reports, per sampler
 and scale, the fewest steps from which adherence stays within 2 points of that sampler's own 50-step
 adherence. Output: a table on stdout, and adherence.json, adherence.csv, adherence.png in --out
-(assets/bench_sampler_adherence/ by default, the figures the README quotes).
+(artifacts/bench_sampler_adherence/ by default; --write-assets: assets/, the figures the README quotes).
 
 It needs the shipped weights (`course_lib.tiny_sd.load_tiny_sd`, `course_lib.evaluator.load_evaluator`);
 without them it exits with a message saying so. The default spacing is "trailing", which starts at the
@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from course_lib import data  # noqa: E402
+from course_lib.device import get_device  # noqa: E402
 from course_lib.samplers import SAMPLERS  # noqa: E402
 
 STEPS = [1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50]
@@ -109,11 +110,12 @@ def main(argv=None) -> int:
                    help="unet_early: the same run at 1000 of 3000 steps, which needs guidance far more")
     p.add_argument("--spacing", choices=["trailing", "leading", "linspace"], default="trailing")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: $COURSE_DEVICE, else the best available)")
+    p.add_argument("--write-assets", action="store_true", help="write the README's figures into assets/")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 by default: on a busy 2-core machine more threads wait on each other")
-    p.add_argument("--out", default=None, help="output folder (default: assets/bench_sampler_adherence[_early], "
-                   "the README's figures; artifacts/bench_sampler_adherence with --quick)")
+    p.add_argument("--out", default=None, help="output folder (default: artifacts/bench_sampler_adherence[_early]; "
+                   "assets/..., the README's figures, with --write-assets)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 16 prompts, steps 1 5 20 50, scales 1 and 5 (unless given)")
     args = p.parse_args(argv)
@@ -122,8 +124,9 @@ def main(argv=None) -> int:
         args.steps = [1, 5, 20, 50] if args.steps == p.get_default("steps") else args.steps
         args.scales = [1.0, 5.0] if args.scales == p.get_default("scales") else args.scales
     if args.out is None:
-        args.out = ROOT / ("artifacts/bench_sampler_adherence" if args.quick else
-                           "assets/bench_sampler_adherence" + ("_early" if args.unet == "unet_early" else ""))
+        args.out = (ROOT / ("assets" if args.write_assets and not args.quick else "artifacts")
+                    / ("bench_sampler_adherence" + ("_early" if args.unet == "unet_early" else "")))
+    args.device = str(get_device(args.device))
     steps = sorted(set(args.steps))
     if steps[0] < 1 or steps[-1] > 1000:
         raise SystemExit("--steps must lie between 1 and 1000")

@@ -36,6 +36,7 @@ from diffusers import (  # noqa: E402
     HeunDiscreteScheduler,
 )
 
+from course_lib.device import get_device  # noqa: E402
 from course_lib.diffusers_bridge import diffusers_sampling_loop, sd_scheduler_config  # noqa: E402
 from course_lib.guidance import guided_model  # noqa: E402
 from course_lib.samplers import SAMPLERS, unet_model  # noqa: E402
@@ -135,7 +136,7 @@ def timed(fn, device):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", choices=["conv", "unet", "none"], default=["conv", "none"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: $COURSE_DEVICE, else the best available)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--size", type=int, default=32, help="latent side (32: a 256-pixel SD image)")
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = get_device(args.device)
     worst = 0.0
     for kind in args.models:
         worst = max(worst, run_table(kind, device, args))
