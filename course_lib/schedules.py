@@ -1,17 +1,36 @@
-"""Noise schedules: betas, alpha_bar, SNR, timestep spacing and the forward process.
+"""Noise schedules: betas, alpha_bar, sigma, SNR, timestep spacing and the forward process.
 
 Lesson 0 (the recap of part 1) teaches these; lesson 5's samplers run on them, and
 tests/test_schedules.py proves each one equal to what diffusers' schedulers compute.
 
-Notation (DDPM, Ho et al. 2020; code name -> paper symbol):
-    betas           beta_t          variance of the noise added at step t
-    alphas          alpha_t         1 - beta_t
-    alphas_cumprod  alpha_bar_t     prod_{s <= t} alpha_s, the signal kept after t steps (eq. 4)
-    snr             SNR(t)          alpha_bar_t / (1 - alpha_bar_t) (Kingma et al. 2021, VDM)
-    sigmas          sigma_t         sqrt((1 - alpha_bar_t) / alpha_bar_t), the noise level of
-                                    x_t / sqrt(alpha_bar_t) (Karras et al. 2022's sigma)
+Notation: the one set of names for the whole of course_lib (the other modules point here and use
+these spellings). For x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4),
+code name -> paper symbol:
 
-Timesteps run 0 .. T-1 (T = num_train_timesteps) as in diffusers: index 0 is the least noisy.
+    t               t             a timestep 0 .. T-1 (T = num_train_timesteps); 0 is the least noisy,
+                                  as in diffusers
+    betas           beta_t        variance of the noise added at step t
+    alphas          alpha_t       1 - beta_t (DDPM's alpha_t; not DPM-Solver's, see sqrt_ab)
+    alpha_bar       alpha-bar_t   prod_{s <= t} alpha_s, the share of the signal's power left at t
+                                  (DDPM eq. 4; the DDIM paper writes alpha_t for it). The schedule's
+                                  table of it is `alphas_cumprod`, diffusers' name for it
+    sqrt_ab         sqrt(alpha-bar_t)      the signal's scale in x_t: DPM-Solver's alpha_t
+    sqrt_1m_ab      sqrt(1 - alpha-bar_t)  the noise's scale in x_t: DPM-Solver's sigma_t (Lu et al.
+                                  2022), which is *not* Karras' sigma below
+    snr             SNR(t)        alpha_bar / (1 - alpha_bar) = 1 / sigma^2 (Kingma et al. 2021, VDM)
+    sigma, sigmas   sigma         sqrt((1 - alpha_bar) / alpha_bar): Karras et al. 2022's noise level,
+                                  that of x = x_t / sqrt(alpha_bar) = x0 + sigma eps, the variable
+                                  Euler and Heun integrate (k-diffusion's sigma)
+    lam             lambda_t      log(sqrt_ab / sqrt_1m_ab) = -log(sigma), half the log-SNR (DPM-Solver)
+    c_in, c_skip,   Karras et al. 2022, Table 1 (as in k-diffusion): the denoiser
+    c_out           D(x; sigma) = c_skip x + c_out F(c_in x, t), with c_in = 1 / sqrt(sigma^2 + 1),
+                                  so that c_in x = x_t; eps-prediction: c_skip = 1, c_out = -sigma;
+                                  v-prediction: c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1)
+    x0, eps         x0_hat, eps_hat   the model's estimates of the clean sample and of the noise in x_t
+    v               v             sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022, Sec. 4)
+    std             sigma_t of DDIM eq. 16: the std of the fresh noise a stochastic step adds
+
+Flow matching (course_lib.flow) has a sigma of its own, x = (1 - sigma) x0 + sigma eps; flow.py names it.
 """
 
 from __future__ import annotations
@@ -78,7 +97,7 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     sqrt(alpha_bar) is shifted so that its last value is 0 and scaled so that its first value
     is unchanged; betas are then recovered from the new alpha_bar. At t = T-1 the model then
     sees pure noise, as it does when sampling starts. alpha_bar_{T-1} = 0 makes an
-    epsilon-prediction model useless there (x0 = (x - sqrt(1-a) eps) / sqrt(a) divides by 0),
+    epsilon-prediction model useless there (x0 = (x_t - sqrt_1m_ab eps) / sqrt_ab divides by 0),
     which is why the paper pairs it with v-prediction. The input is not modified.
     """
     if betas.ndim != 1 or len(betas) < 2:
@@ -147,13 +166,38 @@ def sd_schedule() -> NoiseSchedule:
 
 
 def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) of x_t = sqrt(a) x0 + sqrt(1-a) eps."""
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) of x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps."""
     return alphas_cumprod / (1 - alphas_cumprod)
 
 
 def snr_db(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """The SNR in decibels, 10 log10(SNR): 0 dB is where signal and noise are equally strong."""
     return 10 * torch.log10(snr(alphas_cumprod))
+
+
+# diffusers replaces alpha_bar = 0 (zero terminal SNR) by 2^-24 wherever it needs sigma.
+ZERO_SNR_ALPHA_BAR = 2.0**-24
+
+
+def sigmas_at(schedule: NoiseSchedule, timesteps: torch.Tensor) -> torch.Tensor:
+    """sigma(t) = sqrt((1 - alpha_bar_t) / alpha_bar_t) at (possibly fractional) timesteps, float32.
+
+    Between table entries sigma is interpolated linearly, as diffusers' Euler schedulers do
+    (numpy.interp); alpha_bar = 0 (zero terminal SNR) counts as 2^-24, as in diffusers.
+    """
+    alpha_bar = schedule.alphas_cumprod
+    alpha_bar = torch.where(alpha_bar == 0, torch.full_like(alpha_bar, ZERO_SNR_ALPHA_BAR), alpha_bar)
+    table = (((1 - alpha_bar) / alpha_bar) ** 0.5).double()  # (T,)
+    t = torch.as_tensor(timesteps).detach().cpu().double()  # (N,)
+    lo = t.floor().long().clamp(0, len(table) - 1)
+    hi = (lo + 1).clamp(max=len(table) - 1)
+    return (table[lo] + (t - lo) * (table[hi] - table[lo])).float()  # (N,)
+
+
+def alpha_bar_at(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+    """alpha_bar at (possibly fractional) timesteps t: 1 / (1 + sigma(t)^2), float32 on t's device."""
+    t = torch.as_tensor(t)
+    return (1 / (1 + sigmas_at(schedule, t) ** 2)).to(t.device)
 
 
 # -----------------------------------------------------------------------------
@@ -262,13 +306,13 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int, sche
         raise ValueError(f"x0 and noise must have the same shape, got {tuple(x0.shape)} and {tuple(noise.shape)}")
     if x0.dtype != noise.dtype:
         raise ValueError(f"x0 and noise must have the same dtype, got {x0.dtype} and {noise.dtype}")
-    ab = _per_sample(schedule.alphas_cumprod, t, x0)  # (B, 1, ...)
-    return ab**0.5 * x0 + (1 - ab) ** 0.5 * noise
+    alpha_bar = _per_sample(schedule.alphas_cumprod, t, x0)  # (B, 1, ...)
+    return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise
 
 
 def velocity(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int, schedule: NoiseSchedule) -> torch.Tensor:
     """The v-prediction target v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022, Sec. 4)."""
     if x0.shape != noise.shape:
         raise ValueError(f"x0 and noise must have the same shape, got {tuple(x0.shape)} and {tuple(noise.shape)}")
-    ab = _per_sample(schedule.alphas_cumprod, t, x0)  # (B, 1, ...)
-    return ab**0.5 * noise - (1 - ab) ** 0.5 * x0
+    alpha_bar = _per_sample(schedule.alphas_cumprod, t, x0)  # (B, 1, ...)
+    return alpha_bar**0.5 * noise - (1 - alpha_bar) ** 0.5 * x0

@@ -1,5 +1,6 @@
-"""The seed lesson's `ddim_sample`: reproduced exactly, its departures from SD's DDIM measured, and its
-exercise 3 (DDIM step quality with a perfect noise predictor) answered with the course's functions.
+"""The DDIM sampler of the course's source article (episode 85 of a lesson series on diffusion models):
+reproduced exactly, its departures from SD's DDIM measured, and its exercise 3 (DDIM step quality with a
+perfect noise predictor) answered with the course's functions.
 
 Run with -s to see exercise 3's table.
 """
@@ -9,53 +10,47 @@ import math
 import pytest
 import torch
 
-from course_lib.samplers import (
-    ddim,
-    gaussian_data_model,
-    gaussian_data_ode_solution,
-    seed_ddim_departures,
-    seed_ddim_sample,
-    seed_schedule,
-    seed_timesteps,
-)
+from course_lib.article_ddim import article_ddim_departures, article_ddim_sample, article_schedule, article_timesteps
+from course_lib.gaussian_model import gaussian_data_model, gaussian_data_ode_solution
+from course_lib.samplers import ddim
 from course_lib.schedules import NoiseSchedule, add_noise, linear_betas, make_timesteps, sd_schedule
 
 SCHED = sd_schedule()
 
 
-def seed_style_model(x, t):
-    """The seed's model signature, model(x, t): a fixed function of x and t standing in for a U-Net."""
+def article_style_model(x, t):
+    """The article's model signature, model(x, t): a fixed function of x and t standing in for a U-Net."""
     w = (t.double() / 1000).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
     return 0.9 * torch.tanh(x) * (1 - 0.5 * w) + 0.3 * torch.sin(2 * x + 4 * w)
 
 
 @pytest.mark.parametrize("num_steps", [50, 7, 3, 1])
-def test_course_ddim_reproduces_the_seed_exactly(num_steps):
+def test_course_ddim_reproduces_the_article_exactly(num_steps):
     shape = (2, 4, 8, 8)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(123)
-        seed_out = seed_ddim_sample(seed_style_model, seed_schedule(SCHED), shape, num_steps)
+        article_out = article_ddim_sample(article_style_model, article_schedule(SCHED), shape, num_steps)
         torch.manual_seed(123)
-        noise = torch.randn(shape)  # the seed's sampler draws its noise from the global RNG
-    ours = ddim(lambda x, t, cond: seed_style_model(x, t), noise, SCHED, seed_timesteps(num_steps),
+        noise = torch.randn(shape)  # the article's sampler draws its noise from the global RNG
+    ours = ddim(lambda x, t, cond: article_style_model(x, t), noise, SCHED, article_timesteps(num_steps),
                 set_alpha_to_one=True, clip_x0=1.0)
-    assert (ours - seed_out).abs().max().item() <= 1e-6
+    assert (ours - article_out).abs().max().item() <= 1e-6
     # and configured like SD instead, the course lands somewhere else
-    sd = ddim(lambda x, t, cond: seed_style_model(x, t), noise, SCHED, make_timesteps(num_steps))
-    assert (sd - seed_out).abs().max().item() > 1e-3
+    sd = ddim(lambda x, t, cond: article_style_model(x, t), noise, SCHED, make_timesteps(num_steps))
+    assert (sd - article_out).abs().max().item() > 1e-3
 
 
-def test_seed_timesteps():
-    assert seed_timesteps(50).tolist()[:3] == [980, 960, 940] and seed_timesteps(50)[-1].item() == 0
-    assert len(seed_timesteps(7)) == 8  # 1000 // 7 = 142 -> 0, 142, ..., 994: one step more than asked
-    assert len(seed_timesteps(3)) == 4
+def test_article_timesteps():
+    assert article_timesteps(50).tolist()[:3] == [980, 960, 940] and article_timesteps(50)[-1].item() == 0
+    assert len(article_timesteps(7)) == 8  # 1000 // 7 = 142 -> 0, 142, ..., 994: one step more than asked
+    assert len(article_timesteps(3)) == 4
     with pytest.raises(ValueError, match="num_steps <= T"):
-        seed_timesteps(1001)
+        article_timesteps(1001)
 
 
 def test_measured_departures():
     state = torch.random.get_rng_state()
-    d = seed_ddim_departures(num_steps=50)
+    d = article_ddim_departures(num_steps=50)
     assert torch.equal(torch.random.get_rng_state(), state), "the measurement must not disturb the global RNG"
 
     assert d["reproduced_by_ddim"]["max_abs"] <= 1e-6
@@ -64,19 +59,19 @@ def test_measured_departures():
     assert d["clamp_x0"]["fraction_clamped_last_step"] > 0.2
     assert d["clamp_x0"]["rms"] > 0.1 * d["sample_rms"]
     # landing on alpha_bar = 1 instead of alpha_bar_0 = 0.99915 is a small but real difference
-    assert d["final_alpha_bar"]["sd"] < 1.0 == d["final_alpha_bar"]["seed"]
+    assert d["final_alpha_bar"]["sd"] < 1.0 == d["final_alpha_bar"]["article"]
     assert 0 < d["final_alpha_bar"]["rms"] < 0.01 * d["sample_rms"]
     # range(0, T, 20) visits 980 ... 0; SD's leading + 1 visits 981 ... 1
-    assert d["spacing"]["seed_first_last"] == (980, 0) and d["spacing"]["sd_first_last"] == (981, 1)
+    assert d["spacing"]["article_first_last"] == (980, 0) and d["spacing"]["sd_first_last"] == (981, 1)
     assert d["spacing"]["rms"] > 0
     assert d["total"]["rms"] >= d["clamp_x0"]["rms"] * 0.9
     assert d["model_calls"][7] == {"asked": 7, "run": 8}
     assert d["model_calls"][50] == {"asked": 50, "run": 50}
-    assert d["eta_ignored"]["max_abs"] == 0.0  # the seed accepts eta and never uses it
+    assert d["eta_ignored"]["max_abs"] == 0.0  # the article accepts eta and never uses it
 
 
 # -----------------------------------------------------------------------------
-# Seed exercise 3: DDIM step quality with a perfect noise predictor (toy 1-D, T = 1000, linear betas)
+# The article's exercise 3: DDIM step quality with a perfect noise predictor (toy 1-D, T = 1000, linear betas)
 
 STEPS = [5, 10, 20, 50, 100, 200, 500, 1000]
 
@@ -96,7 +91,7 @@ def table(title, steps, mse):
     return "\n".join(lines)
 
 
-def test_seed_exercise_3_perfect_noise_predictor():
+def test_article_exercise_3_perfect_noise_predictor():
     T = 1000
     sched = NoiseSchedule.from_betas(linear_betas(T))  # DDPM's linear schedule
     i = torch.arange(256)
@@ -111,11 +106,11 @@ def test_seed_exercise_3_perfect_noise_predictor():
         return [(ddim(perfect, x_T, sched, timesteps_for(n), set_alpha_to_one=True) - x0).pow(2).mean().item()
                 for n in STEPS]
 
-    # (a) the seed's own spacing, range(0, T, T // n): it starts at T - T/n, not where the noise was added
-    seed_mse = mse(seed_timesteps)
+    # (a) the article's own spacing, range(0, T, T // n): it starts at T - T/n, not where the noise was added
+    article_mse = mse(article_timesteps)
     # (b) trailing spacing starts at T - 1: DDIM is then exact at every step count
     trailing_mse = mse(lambda n: make_timesteps(n, T, "trailing"))
-    print("\n" + table("(a) seed spacing, perfect noise predictor", STEPS, seed_mse))
+    print("\n" + table("(a) the article's spacing, perfect noise predictor", STEPS, article_mse))
     print(table("(b) trailing spacing, perfect noise predictor", STEPS, trailing_mse))
 
     # (b): no discretisation error at all. With the exact noise, x_t = sqrt(a) x0 + sqrt(1-a) eps holds
@@ -123,13 +118,13 @@ def test_seed_exercise_3_perfect_noise_predictor():
     assert max(trailing_mse) < 1e-8
     assert knee(STEPS, trailing_mse) == STEPS[0]  # more steps never help
     # (a): large errors that shrink with the step count -- from the skipped start, not from the ODE
-    assert seed_mse[0] > 0.1 and seed_mse[-1] < 1e-8
-    assert all(b < 0.9 * a for a, b in zip(seed_mse, seed_mse[1:]))
-    assert knee(STEPS, seed_mse) is None
-    assert all(s > 1e3 * t for s, t in zip(seed_mse[:-1], trailing_mse[:-1]))
+    assert article_mse[0] > 0.1 and article_mse[-1] < 1e-8
+    assert all(b < 0.9 * a for a, b in zip(article_mse, article_mse[1:]))
+    assert knee(STEPS, article_mse) is None
+    assert all(s > 1e3 * t for s, t in zip(article_mse[:-1], trailing_mse[:-1]))
 
 
-def test_seed_exercise_3_where_discretisation_error_shows():
+def test_article_exercise_3_where_discretisation_error_shows():
     """Where DDIM's discretisation error really shows: the exact denoiser for Gaussian data, whose ODE
     solution is known in closed form. The error falls like 1/n^2 (first-order solver): no knee either."""
     T = 1000

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from course_lib.gaussian_model import gaussian_data_model, gaussian_data_ode_solution
 from course_lib.samplers import (
     SAMPLERS,
     ddim,
@@ -13,11 +14,8 @@ from course_lib.samplers import (
     dpmpp_2m,
     euler,
     euler_ancestral,
-    gaussian_data_model,
-    gaussian_data_ode_solution,
     heun,
     sample,
-    sigmas_at,
 )
 from course_lib.schedules import (
     NoiseSchedule,
@@ -25,6 +23,7 @@ from course_lib.schedules import (
     rescale_zero_terminal_snr,
     scaled_linear_betas,
     sd_schedule,
+    sigmas_at,
 )
 
 SCHED = sd_schedule()
