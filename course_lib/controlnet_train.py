@@ -7,7 +7,7 @@ It needs the trained VAE, CLIP and U-Net in the same folder (``python -m course_
 One step (Zhang et al. 2023, eq. 3: the diffusion loss, now also conditioned on the control c):
 
     z0 = scaling_factor * (mean + std * n)        a fresh posterior sample of a pre-encoded scene
-    t ~ U{0..999}, eps ~ N(0, I), z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
+    t ~ U{0..999}, eps ~ N(0, I), z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps
     down, mid = controlnet(z_t, t, text, c)       c: the scene's edge map (sometimes its Canny map)
     loss = |eps - unet(z_t, t, text, down, mid)|^2   (Min-SNR weighted, as the U-Net was trained)
 

@@ -19,6 +19,9 @@ steps are needed. Notation, code name -> paper symbol:
     v      -> v_Theta(z_t, t), the network's output
     shift  -> alpha in eq. (23) of the SD 3 paper: t_m = alpha * t / (1 + (alpha - 1) * t)
 
+This sigma is flow matching's own, the share of noise in x_sigma; it is not Karras' sigma of the
+DDPM-type models, sqrt((1 - alpha_bar) / alpha_bar) (the notation block in course_lib/schedules.py).
+
 The sigma schedule and the Euler step reproduce diffusers' ``FlowMatchEulerDiscreteScheduler``
 exactly (``tests/test_dit.py`` compares them over whole sampling loops).
 """

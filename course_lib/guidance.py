@@ -12,6 +12,7 @@ Notation (code name -> paper symbol):
     phi           guidance_rescale (Lin et al. 2023, Sec. 3.4)
 
 The guided model works for epsilon- and v-prediction alike: guidance mixes model outputs.
+Schedule symbols (alpha_bar, sigma, SNR) follow the notation block in course_lib/schedules.py.
 """
 
 from __future__ import annotations

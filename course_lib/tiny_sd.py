@@ -11,6 +11,8 @@ diffusers' ``StableDiffusionPipeline.__call__``; they do the same things in the 
 4. run a sampler (DDIM by default, 20 steps of SD's "leading" spacing)     [samplers]
 5. undo the latent scaling (z / scaling_factor) and decode with the VAE: images in [-1, 1]
 
+Schedule symbols follow the notation block in ``course_lib/schedules.py``.
+
 Every model here was trained by ``python -m course_lib.train`` (see the JSON model cards in
 ``weights/``). ``load_tiny_sd`` is the only place that reads them.
 """

@@ -386,8 +386,9 @@ def train_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings
 
     One step (Ho et al. 2020, Algorithm 1, in latent space as in Rombach et al. 2022):
     z0 = scaling_factor * (mean + std * n)  ->  t ~ U{0..999}, eps ~ N(0, I)
-    ->  z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps  ->  loss = w_t |eps - eps_theta(z_t, t, text)|^2
+    ->  z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps  ->  loss = w_t |eps - eps_theta(z_t, t, text)|^2
     with w_t = min(SNR_t, gamma) / SNR_t (Min-SNR; w_t = 1, SD's plain MSE, with ``min_snr_gamma=None``).
+    Symbols as in the notation block of course_lib/schedules.py.
     10% of captions are replaced by the encoding of "" (caption dropout), so the same network also
     predicts the unconditional noise that classifier-free guidance needs.
     pipeline: builds a generating pipeline from (vae, clip, unet), e.g. ``tiny_sd.TinySD.from_models``;

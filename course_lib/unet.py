@@ -3,7 +3,7 @@
 Given a noisy latent x_t, its timestep t and the text encoder's per-token hidden states, it
 predicts the noise eps that was added (epsilon prediction, as SD 1.x does):
 
-    eps_theta(x_t, t, text)          x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps      (Ho et al. 2020, eq. 4)
+    eps_theta(x_t, t, text)          x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps  (Ho et al. 2020, eq. 4)
 
 The layout follows SD's ``UNet2DConditionModel`` at toy size (diffusers names in brackets)::
 

@@ -2,7 +2,8 @@
 
 ``TinySD.generate`` takes a step count and always uses SD's "leading" spacing; lesson 5 ("DDIM and
 modern samplers") compares spacings and samplers from the same starting noise, so it calls the
-samplers through ``sample_latents`` here. The samplers themselves are ``course_lib.samplers``.
+samplers through ``sample_latents`` here. The samplers themselves are ``course_lib.samplers``;
+names (alpha_bar, sigma, ...) follow the notation block in ``course_lib/schedules.py``.
 """
 
 from __future__ import annotations

@@ -108,9 +108,9 @@ def apply_latent_to_rgb(latents: torch.Tensor, weights: torch.Tensor) -> torch.T
 
 
 def snr_db_with_data_std(alphas_cumprod: torch.Tensor, data_std: float) -> torch.Tensor:
-    """SNR of x_t = sqrt(abar) x0 + sqrt(1 - abar) eps when x0 has standard deviation ``data_std``, in dB.
+    """SNR of x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps when x0 has standard deviation ``data_std``, in dB.
 
-    The schedule's SNR, abar / (1 - abar), assumes unit-variance data; data with std s has s^2 times
+    The schedule's SNR, alpha_bar / (1 - alpha_bar), assumes unit-variance data; data with std s has s^2 times
     that signal power, i.e. 20 log10(s) dB more at every step.
     """
     return snr_db(alphas_cumprod.double()) + 20 * math.log10(data_std)  # 10 log10(s^2) = 20 log10(s)
