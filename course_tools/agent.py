@@ -27,6 +27,7 @@ import threading
 import time
 import traceback
 import warnings
+import zipfile
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -34,6 +35,10 @@ import numpy as np
 import torch
 
 MAX_WIRE_BYTES = 64 * 2**20  # largest request or answer accepted (a memory-bomb guard)
+MAX_TENSOR_BYTES = 2 * MAX_WIRE_BYTES  # all tensors of one message together, once copied
+MAX_NODES = 1_000_000  # items (numbers, strings, tensors, containers) in one message
+WIRE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
+                         torch.complex128, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool})
 
 
 class _CallTimeout(BaseException):
@@ -97,7 +102,7 @@ def to_wire(obj: Any, keep: Callable[[Any], int] | None = None, _depth: int = 0)
             plain = plain.as_subclass(torch.Tensor)
         if plain.is_neg() or plain.is_conj():
             plain = plain.resolve_neg().resolve_conj()
-        return plain.clone()
+        return plain.clone(memory_format=torch.contiguous_format)  # dense and contiguous: what `loads` accepts
     if isinstance(obj, np.ndarray) and obj.dtype != object:
         return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(obj).copy())}
     if isinstance(obj, np.generic) and not isinstance(obj, np.object_):
@@ -127,7 +132,10 @@ def from_wire(data: Any, resolve: Callable[[dict], Any] | None = None) -> Any:
         if keys == {"__ndarray__"}:
             return data["__ndarray__"].numpy()
         if keys == {"__npscalar__", "dtype"}:
-            return np.dtype(str(data["dtype"])).type(data["__npscalar__"])
+            dtype = np.dtype(str(data["dtype"]))
+            if dtype.kind not in "biufc":
+                raise ValueError(f"a numpy scalar of dtype {dtype} cannot travel")
+            return dtype.type(data["__npscalar__"])
         if keys == {"__complex__"}:
             return complex(*data["__complex__"])
         if keys in ({"__ref__", "path"}, {"__probe__", "kwargs"}) and resolve is not None:
@@ -150,10 +158,71 @@ def dumps(obj: Any) -> bytes:
 
 
 def loads(raw: bytes) -> Any:
-    """Read bytes written by `dumps` without running any code (``weights_only=True``)."""
+    """Read bytes written by `dumps` as plain data, trusting nothing in them.
+
+    The bytes may come from a learner's process that forged them, so, in order: their size is
+    capped; the archive may hold only uncompressed records no larger than itself (no zip bomb);
+    ``torch.load(weights_only=True)`` runs no code; and the result is rebuilt by `checked_copy`:
+    only plain containers, numbers, strings and dense tensors of a plain dtype whose storage really
+    holds their elements (a stride-0 view of 6e9 elements over one number is refused), copied into
+    fresh memory within a budget. The checks compare only that copy.
+    """
+    if not isinstance(raw, (bytes, bytearray)):
+        raise TypeError("a message must be bytes")
     if len(raw) > MAX_WIRE_BYTES:
-        raise ValueError(f"reply of {len(raw) / 2**20:.0f} MiB is larger than the limit")
-    return torch.load(io.BytesIO(raw), weights_only=True)
+        raise ValueError(f"a message of {len(raw) / 2**20:.0f} MiB is larger than the limit")
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            for info in archive.infolist():
+                if info.compress_type != zipfile.ZIP_STORED or max(info.file_size, info.compress_size) > len(raw):
+                    raise ValueError("a message may hold only uncompressed records")
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"not a message: {err}") from None
+    return checked_copy(torch.load(io.BytesIO(raw), weights_only=True))
+
+
+def checked_copy(obj: Any) -> Any:
+    """A copy of ``obj`` made of plain data only (see `loads`); raises ValueError otherwise."""
+    budget = {"bytes": MAX_TENSOR_BYTES, "nodes": MAX_NODES}
+
+    def copy_of(x: Any, depth: int) -> Any:
+        budget["nodes"] -= 1
+        if budget["nodes"] < 0 or depth > 32:
+            raise ValueError("a message with too many items, or nested too deeply")
+        t = type(x)
+        if x is None or t in (bool, int, float, complex, str, bytes, torch.dtype, torch.Size):
+            return x
+        if t is torch.Tensor:
+            return _checked_tensor(x, budget)
+        if t in (list, tuple):
+            items = [copy_of(v, depth + 1) for v in x]
+            return items if t is list else tuple(items)
+        if t is dict:
+            out = {}
+            for k, v in x.items():
+                if type(k) not in (str, int, float, bool, tuple):
+                    raise ValueError(f"a key of type {type(k).__name__} in a message")
+                out[copy_of(k, depth + 1)] = copy_of(v, depth + 1)
+            return out
+        raise ValueError(f"a {t.__name__} cannot travel in a message")
+
+    return copy_of(obj, 0)
+
+
+def _checked_tensor(t: torch.Tensor, budget: dict) -> torch.Tensor:
+    if t.layout != torch.strided or t.is_quantized or t.is_nested or t.device.type != "cpu":
+        raise ValueError("only dense CPU tensors travel")
+    if t.dtype not in WIRE_DTYPES:
+        raise ValueError(f"a tensor of dtype {t.dtype} cannot travel")
+    nbytes = t.numel() * t.element_size()
+    budget["bytes"] -= nbytes
+    if budget["bytes"] < 0:
+        raise ValueError(f"the tensors of a message hold more than {MAX_TENSOR_BYTES // 2**20} MiB")
+    if not t.is_contiguous():
+        raise ValueError(f"a tensor of shape {tuple(t.shape)} that is not contiguous (strides {t.stride()})")
+    if t.untyped_storage().nbytes() < t.storage_offset() * t.element_size() + nbytes:
+        raise ValueError(f"a tensor of shape {tuple(t.shape)} larger than its storage")
+    return t.detach().clone()
 
 
 def _type_name(obj: Any) -> str:

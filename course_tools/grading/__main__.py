@@ -2,7 +2,7 @@
 
 Exit codes: 0 when the command did its job (grading finished, even if every student failed;
 exercises/ written or in sync), 1 when check-sync finds exercises/ out of date, 2 on usage errors
-(no such path, nothing to grade).
+(no such path, nothing to grade) and when no operating-system sandbox is available for grading.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--cell-timeout", type=float, default=120,
                    help="seconds allowed per cell and per call of a check into the learner's code (default: 120)")
     g.add_argument("--memory-mb", type=int, default=4096, help="memory (address space) per kernel (default: 4096)")
+    g.add_argument("--grader-memory-mb", type=int, default=8192,
+                   help="memory (address space) of each grading process (default: 8192)")
+    g.add_argument("--trust-submissions", action="store_true",
+                   help="run the kernels without the operating-system sandbox: only for grading your own work")
     g.add_argument("--seed", type=int, default=None, help="seed of the checks' cases (default: a fresh one, recorded)")
     g.add_argument("--solutions", type=Path, default=notebooks.SOLUTIONS, help=argparse.SUPPRESS)
 
@@ -46,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--cell-timeout", type=float, required=True)
     w.add_argument("--memory-mb", type=int, required=True)
     w.add_argument("--file-mb", type=int, default=256)
-    w.add_argument("--pid-dir")
-    w.add_argument("--cache-dir")
-    w.add_argument("--deny", action="append")
+    w.add_argument("--grader-memory-mb", type=int, default=8192)
+    w.add_argument("--kernel-tree", required=True)
+    w.add_argument("--trust-submissions", action="store_true")
 
     args = parser.parse_args(argv)
     if args.command == "generate":
@@ -86,12 +90,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.timeout <= 0 or args.cell_timeout <= 0 or args.workers < 1:
         parser.error("--timeout, --cell-timeout and --workers must be positive")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    options = Options(timeout=args.timeout, cell_timeout=args.cell_timeout, memory_mb=args.memory_mb, seed=seed)
+    options = Options(timeout=args.timeout, cell_timeout=args.cell_timeout, memory_mb=args.memory_mb,
+                      grader_memory_mb=args.grader_memory_mb, seed=seed, trust_submissions=args.trust_submissions)
+    from course_tools.grading import isolation
     from course_tools.grading.batch import find_submissions
 
-    if not find_submissions(args.path.resolve(), exclude=args.out.resolve()):
+    if args.trust_submissions:
+        print("warning: --trust-submissions: the notebooks run without the operating-system sandbox; "
+              "grade only work you trust", file=sys.stderr)
+    else:
+        try:
+            isolation.check_available()
+        except isolation.SandboxUnavailable as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    found = find_submissions(args.path.absolute(), exclude=args.out.resolve())
+    if not found:
         parser.error(f"no notebooks to grade in {args.path}")
-    print(f"grading {args.path} with seed {seed}; reports in {args.out}/", flush=True)
+    print(f"grading {len(found)} notebook(s) in {args.path} with seed {seed}; reports in {args.out}/", flush=True)
     rows = grade_batch(args.path, args.out, options, workers=args.workers, solutions=args.solutions)
     print(f"wrote {len(rows)} JSON files, {args.out / 'grades.csv'} and {args.out / 'grades.md'}")
     return 0

@@ -1,15 +1,19 @@
 """Grade one notebook or a folder of them: one process per submission, several in parallel.
 
-Each submission runs in a sandboxed kernel of its own (``executor.py``), started by a grading
-process (``python -m course_tools.grading _worker``, one per parallel slot). The batch:
+Each submission runs in a kernel of its own inside an operating-system sandbox (``isolation.py``),
+driven by a grading process (``python -m course_tools.grading _worker``, one per parallel slot). The
+batch:
 
-- copies ``course_lib`` to a private folder first and runs the workers from that copy, so that
-  nothing a submission does to the repository's files changes how later submissions are graded;
-- gives each submission the notebook's time limit plus a margin, then kills the worker (and its
-  kernel) if it is still running and starts a fresh one: a hung submission costs one row marked
-  ``timeout``, never the batch;
-- turns a worker that crashed into a row marked ``grader_error``, with its log;
-- writes one JSON per submission, then ``grades.csv`` and ``grades.md`` for the folder.
+- refuses to start where no sandbox is available, unless ``--trust-submissions`` is given;
+- copies, at the start, the course's library twice: the whole of ``course_lib`` and ``course_tools``
+  for the grading processes, and the kernel tree (``course_lib`` without its checks, the weights, the
+  agent) that the sandboxes mount read-only. Nothing a submission does reaches either copy;
+- runs each grading process under its own memory limit, gives each submission the notebook's time
+  limit plus a margin, then kills the grading process (and with it its sandbox) if it is still
+  running and starts a fresh one: a hung submission costs one row marked ``timeout``, never the batch;
+- turns a grading process that crashed into a row marked ``grader_error``, with its log;
+- writes one JSON per submission, atomically, after the submission's kernel is gone, then
+  ``grades.csv`` and ``grades.md``. Only this process writes reports; no sandbox can see them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import csv
 import json
 import os
 import queue
+import resource
 import secrets
 import select
 import shutil
@@ -29,20 +34,23 @@ import threading
 import time
 from pathlib import Path
 
-from course_tools.grading import notebooks
+from course_tools.grading import isolation, notebooks
 from course_tools.grading.options import Options
 
 WORKER_MARGIN_S = 90.0  # kernel start-up and restarts, on top of the notebook's own limit
 
 
 def find_submissions(path: Path, exclude: Path | None = None) -> list[Path]:
-    if path.is_file():
+    """The notebooks under ``path`` (``.ipynb_checkpoints`` and ``exclude`` skipped). Folders that are
+    symbolic links are not entered; files that are symbolic links are listed, and graded as such
+    (not followed, flagged)."""
+    if path.is_file() or path.is_symlink():
         return [path]
     found = []
-    for p in sorted(path.rglob("*.ipynb")):
-        if ".ipynb_checkpoints" in p.parts or (exclude is not None and exclude in p.parents):
-            continue
-        found.append(p)
+    for folder, dirs, files in os.walk(path, followlinks=False):
+        here = Path(folder)
+        dirs[:] = sorted(d for d in dirs if d != ".ipynb_checkpoints" and (exclude is None or here / d != exclude))
+        found += [here / f for f in sorted(files) if f.endswith(".ipynb")]
     return found
 
 
@@ -52,19 +60,28 @@ def submission_key(path: Path, root: Path) -> str:
     return "__".join(rel.with_suffix("").parts)
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write a report so that it is either the old file or the whole new one, never half of it."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def grade_batch(path: Path, out: Path, options: Options, workers: int = 2, solutions: Path = notebooks.SOLUTIONS,
                 progress: bool = True) -> list[dict]:
-    path, out = path.resolve(), out.resolve()
+    if not options.trust_submissions:
+        isolation.check_available()  # raises SandboxUnavailable with the instructor's options
+    path, out = path.absolute(), out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     subs = find_submissions(path, exclude=out)
-    private = Path(tempfile.mkdtemp(prefix="course-batch-"))
+    private = Path(tempfile.mkdtemp(prefix="course-batch-"))  # 0700: the grader's, never a kernel's
     snapshot = private / f"lib-{secrets.token_hex(6)}"
     for package in ("course_lib", "course_tools"):
         shutil.copytree(notebooks.ROOT / package, snapshot / package,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    deny = _safe_deny([path, out, private, solutions.resolve()])
-    cache = Path(tempfile.mkdtemp(prefix="course-cache-"))  # readable by the kernels, written only before their hook
-    options = Options(**{**options.__dict__, "deny": tuple(options.deny) + deny, "cache_dir": str(cache)})
+    tree = isolation.build_kernel_tree(notebooks.ROOT, private / "kernel-tree", options.python)
+    options = Options(**{**options.__dict__, "kernel_tree": str(tree)})
     root = path if path.is_dir() else path.parent
     todo: queue.Queue = queue.Queue()
     for sub in subs:
@@ -87,7 +104,7 @@ def grade_batch(path: Path, out: Path, options: Options, workers: int = 2, solut
                 if not worker.alive():
                     worker = None
                 row["key"], row["submission"] = key, str(sub.relative_to(root))
-                (out / f"{key}.json").write_text(json.dumps(row, indent=1) + "\n")
+                write_atomically(out / f"{key}.json", json.dumps(row, indent=1) + "\n")
                 with lock:
                     rows[sub] = row
                     if progress:
@@ -106,29 +123,9 @@ def grade_batch(path: Path, out: Path, options: Options, workers: int = 2, solut
             t.join()
     finally:
         shutil.rmtree(private, ignore_errors=True)
-        shutil.rmtree(cache, ignore_errors=True)
     ordered = [rows[s] for s in subs if s in rows]
     write_tables(ordered, out, wall_seconds=time.monotonic() - start, workers=workers)
     return ordered
-
-
-def _safe_deny(paths: list[Path]) -> tuple[str, ...]:
-    """The folders the kernels may not read: the submissions (one another's), the reports, the
-    grader's private copy, the solutions. A folder that holds the course or Python itself (grading
-    ``.`` from the course's root, say) cannot be denied without breaking every import: it is left
-    out, with a warning."""
-    needed = [notebooks.ROOT, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(),
-              Path(sys.executable).resolve().parent]
-    keep = []
-    for p in paths:
-        p = p.resolve()
-        if p.is_file():
-            continue  # a single submission: there are no other submissions to hide
-        if any(n == p or p in n.parents for n in needed):
-            print(f"warning: {p} holds the course or Python; the kernels can read it", file=sys.stderr)
-            continue
-        keep.append(str(p))
-    return tuple(keep)
 
 
 class Worker:
@@ -144,12 +141,12 @@ class Worker:
         work.mkdir(parents=True)
         env = {**os.environ, "PYTHONPATH": str(snapshot), "PYTHONDONTWRITEBYTECODE": "1",
                "COURSE_ROOT": str(notebooks.ROOT)}
-        cmd = [options.python, "-m", "course_tools.grading", "_worker", "--solutions", str(solutions),
+        cmd = [options.python, "-P", "-m", "course_tools.grading", "_worker", "--solutions", str(solutions),
                "--seed", str(options.seed), "--timeout", str(options.timeout), "--cell-timeout",
                str(options.cell_timeout), "--memory-mb", str(options.memory_mb), "--file-mb", str(options.file_mb),
-               "--pid-dir", str(work), "--cache-dir", str(options.cache_dir)]
-        for d in options.deny:
-            cmd += ["--deny", d]
+               "--grader-memory-mb", str(options.grader_memory_mb), "--kernel-tree", str(options.kernel_tree)]
+        if options.trust_submissions:
+            cmd.append("--trust-submissions")
         self.log = open(work / "worker.log", "ab")
         self.proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, start_new_session=True)
@@ -204,14 +201,8 @@ class Worker:
         return line.decode("utf-8", "replace").strip()
 
     def kill(self) -> None:
-        _kill_group(self.proc.pid)
+        _kill_group(self.proc.pid)  # the grading process and its bwrap; each sandbox dies with its bwrap
         self.proc.wait()
-        pid_file = self.work / "kernel.pid"
-        if pid_file.exists():  # the kernel runs in a session of its own
-            try:
-                _kill_group(int(pid_file.read_text()))
-            except ValueError:
-                pass
 
     def close(self) -> None:
         if self.alive():
@@ -297,22 +288,25 @@ def write_tables(rows: list[dict], out: Path, wall_seconds: float, workers: int)
 
 def worker_main(args) -> int:
     """The ``_worker`` command: grade the submissions named on stdin, one JSON line each."""
-    import nbformat
-
+    limit = args.grader_memory_mb * 2**20
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    if limit > 0:  # the grading process's own memory limit: a forged reply cannot take the machine
+        resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
     from course_lib.checks import EXERCISES  # noqa: F401  (the checks, loaded once, before any submission)
-    from course_tools.grading.executor import grade_submission
+    from course_tools.grading.executor import grade_submission, read_submission
 
     options = Options(timeout=args.timeout, cell_timeout=args.cell_timeout, memory_mb=args.memory_mb,
-                      file_mb=args.file_mb, seed=args.seed, deny=tuple(args.deny or ()), python=sys.executable,
-                      pid_dir=args.pid_dir, cache_dir=args.cache_dir)
+                      file_mb=args.file_mb, grader_memory_mb=args.grader_memory_mb, seed=args.seed,
+                      python=sys.executable, trust_submissions=args.trust_submissions, kernel_tree=args.kernel_tree)
     for line in sys.stdin:
         job = json.loads(line)
         sub = Path(job["submission"])
+        raw, _ = read_submission(sub)
         try:
-            nb = nbformat.reads(sub.read_text("utf-8"), as_version=4)
+            nb = notebooks.parse_submission(raw.decode("utf-8")) if raw is not None else None
         except Exception:
             nb = None
         result = grade_submission(sub, notebooks.source_for(sub, nb, Path(args.solutions)), options)
-        Path(job["result"]).write_text(json.dumps(result))
+        write_atomically(Path(job["result"]), json.dumps(result))
         print("done", flush=True)
     return 0

@@ -19,30 +19,29 @@ The result is a plain dict (see `grade_submission`), written as JSON by ``batch.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
-import queue
-import secrets
+import select
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
-import zmq
-from jupyter_client import BlockingKernelClient
-from jupyter_client.connect import write_connection_file
 
-from course_tools.agent import dumps, loads, to_wire
+from course_tools.agent import MAX_WIRE_BYTES, dumps, loads, to_wire
 from course_tools.checking import ExerciseResult, KernelLost
 from course_tools.colab_setup import is_setup_cell
-from course_tools.grading import notebooks, sandbox
+from course_tools.grading import isolation, notebooks, sandbox
 from course_tools.grading.options import Options
 
 MAX_SUBMISSION_BYTES = 256 * 2**20  # a larger file is not read (status invalid)
-MAX_MESSAGE_BYTES = 32 * 2**20  # larger kernel messages drop the connection instead of filling memory
 OOM_MARKERS = ("MemoryError", "can't allocate memory", "not enough memory", "std::bad_alloc", "Cannot allocate memory")
 SUSPICIOUS = {  # source patterns reported to the instructor (never scored): ways around a sandbox
     "_course_agent": "talks to the grader's agent", "addaudithook": "adds an audit hook",
@@ -67,180 +66,331 @@ class Outcome:
         return any(m in f"{self.ename} {self.evalue}" for m in OOM_MARKERS)
 
 
+class ProtocolError(Exception):
+    """The kernel wrote something on its reply pipe that is not the awaited reply."""
+
+
+class _Drain(threading.Thread):
+    """Reads a pipe from the kernel until it closes: counts every byte, keeps the last ``keep``
+    bytes (stdout and stderr) or the first lines (the hook's events), never more."""
+
+    def __init__(self, fd: int, keep: int = 0, lines: int = 0):
+        super().__init__(daemon=True)
+        self.fd, self.keep, self.max_lines = fd, keep, lines
+        self.count, self.tail, self.lines, self.partial = 0, b"", [], b""
+        self.closed = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while True:
+                chunk = os.read(self.fd, 1 << 16)
+                if not chunk:
+                    break
+                self.count += len(chunk)
+                if self.keep:
+                    self.tail = (self.tail + chunk)[-self.keep:]
+                if self.max_lines and len(self.lines) < self.max_lines:
+                    self.partial += chunk
+                    *done, self.partial = self.partial.split(b"\n")
+                    self.lines += [d.decode("utf-8", "replace")[:2000] for d in done][: self.max_lines - len(self.lines)]
+                    self.partial = self.partial[-4000:]
+        except OSError:
+            pass
+        finally:
+            os.close(self.fd)
+            self.closed.set()
+
+
 @dataclass
 class Kernel:
-    scratch: Path
-    private: Path
-    options: Options
-    proc: subprocess.Popen | None = None
-    client: BlockingKernelClient | None = None
-    output_bytes: int = 0
-    starts: int = 0
-    log: Path = field(init=False)
+    """One sandboxed kernel (``isolation.py``), driven over pipes. ``start`` again after a crash
+    builds the same sandbox from the same read-only kernel tree: nothing of the last one survives."""
 
-    def __post_init__(self):
-        self.log = self.private / f"kernel-{secrets.token_hex(4)}.log"
+    options: Options
+    tree: Path | None = None  # the kernel tree (isolation.build_kernel_tree); None: one is built here
+    proc: subprocess.Popen | None = None
+    starts: int = 0
+    output_bytes: int = 0
+    seq: int = 0
+    events: list = field(default_factory=list)  # what the grader saw from outside the sandbox
+    hook_lines: list = field(default_factory=list)  # the refusals the kernel's hook reported, as read
+    max_rss_mb: int = 0  # the largest resident size of a process of the kernel (from wait4)
+    cpu_s: float = 0.0  # CPU seconds of all its kernels
+    last_code: int | None = None  # exit code of the last kernel
+    stopped_by_grader: bool = False  # the last kernel was alive when the grader ended it
 
     def start(self) -> None:
         self.starts += 1
-        conn = str(self.private / f"kernel-{secrets.token_hex(8)}.json")
-        write_connection_file(conn, ip="127.0.0.1", key=secrets.token_hex(16).encode())
-        home = self.scratch
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(home), "TMPDIR": str(home), "MPLCONFIGDIR": self.options.cache_dir or str(home / ".mpl"),
-            "IPYTHONDIR": str(home / ".ipython"), "MPLBACKEND": "Agg", "COURSE_PROGRESS": "0",
-            "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "PYTHONPATH": str(notebooks.ROOT), "JUPYTER_PLATFORM_DIRS": "1",
-            "JPY_PARENT_PID": str(os.getpid()),  # the kernel exits if this process dies
-            sandbox.ENV_DENY: os.pathsep.join(self.deny_list()),
-            sandbox.ENV_WRITABLE: str(self.scratch.resolve()),
-            sandbox.ENV_LOG: str(self.private / "sandbox.log"),
-            sandbox.ENV_MEMORY_MB: str(self.options.memory_mb),
-            sandbox.ENV_FILE_MB: str(self.options.file_mb),
-        }
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [self.options.python, "-m", "course_tools.grading.sandbox", "-f", conn],
-                cwd=self.scratch, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True,  # its own process group: interrupts and kills reach it all
-            )
-        if self.options.pid_dir:
-            (Path(self.options.pid_dir) / "kernel.pid").write_text(str(self.proc.pid))
-        client = BlockingKernelClient()
-        client.load_connection_file(conn)
-        client.start_channels()
-        for channel in (client.iopub_channel, client.shell_channel):
-            channel.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-        self.client = client
-        deadline = time.monotonic() + 90
-        while True:
-            if not self.alive():
-                raise RuntimeError(f"the sandboxed kernel did not start: {self.log_tail()}")
-            try:
-                client.wait_for_ready(timeout=2)
-                return
-            except RuntimeError:
-                if time.monotonic() > deadline:
-                    raise
+        self.seq = 0
+        requests_r, self.requests = os.pipe()
+        self.replies, replies_w = os.pipe()
+        events_r, events_w = os.pipe()
+        out_r, out_w = os.pipe()
+        info_r, info_w = os.pipe()
+        tree = self.tree
+        env = {"HOME": isolation.SCRATCH, "TMPDIR": "/tmp", "MPLCONFIGDIR": "/tmp/mpl", "MPLBACKEND": "Agg",
+               "IPYTHONDIR": "/tmp/ipython", "COURSE_PROGRESS": "0", "PYTHONDONTWRITEBYTECODE": "1",
+               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PATH": "/usr/local/bin:/usr/bin:/bin",
+               "USER": "learner", "LOGNAME": "learner", "PYTHONPATH": isolation.COURSE,
+               sandbox.ENV_FDS: f"{requests_r},{replies_w},{events_w}",
+               sandbox.ENV_MPL_CACHE: f"{isolation.COURSE}/mpl",
+               sandbox.ENV_WRITABLE: os.pathsep.join([isolation.SCRATCH, "/tmp"]),
+               sandbox.ENV_DENY: os.pathsep.join(self.deny_list(isolation.COURSE))}
+        limits = isolation.Limits(memory_mb=self.options.memory_mb, file_mb=self.options.file_mb,
+                                  cpu_s=int(self.options.timeout + 60))
+        if self.options.trust_submissions:  # no sandbox: the same runner, its own limits, a temporary folder
+            self.scratch = Path(tempfile.mkdtemp(prefix="course-grade-"))
+            env.update({"HOME": str(self.scratch), "TMPDIR": str(self.scratch), "PYTHONPATH": str(tree),
+                        "MPLCONFIGDIR": str(self.scratch / ".mpl"), "IPYTHONDIR": str(self.scratch / ".ipython"),
+                        sandbox.ENV_MPL_CACHE: str(tree / "mpl"), sandbox.ENV_WRITABLE: str(self.scratch),
+                        sandbox.ENV_DENY: os.pathsep.join(self.deny_list(str(tree)) + self.deny_list(str(notebooks.ROOT))),
+                        sandbox.ENV_MEMORY_MB: str(limits.memory_mb), sandbox.ENV_FILE_MB: str(limits.file_mb)})
+            argv = [self.options.python, "-P", "-s", "-m", "course_tools.grading.sandbox"]
+            cwd = self.scratch
+        else:
+            self.scratch = None
+            argv = isolation.command(tree, self.options.python, {}, info_w, limits, env)
+            cwd = None
+        try:
+            self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_w, stderr=out_w,
+                                         pass_fds=(requests_r, replies_w, events_w, info_w),
+                                         start_new_session=self.options.trust_submissions)
+        finally:
+            for fd in (requests_r, replies_w, events_w, out_w, info_w):
+                os.close(fd)
+        self.out = _Drain(out_r, keep=4000)
+        self.hook = _Drain(events_r, lines=200)
+        self.out.start()
+        self.hook.start()
+        if self.options.trust_submissions:
+            os.close(info_r)
+            self.info = {"child-pid": self.proc.pid}
+        else:
+            self.info = isolation.read_info(info_r, 60)
+            os.close(info_r)
+        try:
+            kind, _, _ = self._read_frame(time.monotonic() + 120, 64)
+        except (ProtocolError, TimeoutError) as err:
+            self.kill()
+            raise RuntimeError(f"the sandboxed kernel did not start ({err}): {self.log_tail()}") from None
+        if kind != b"H":
+            self.kill()
+            raise RuntimeError("the sandboxed kernel did not start: it said something else than hello")
 
-    def deny_list(self) -> list[str]:
-        root = notebooks.ROOT
-        return [str(p) for p in (root / "solutions", root / "course_lib" / "checks", root / ".git",
-                                 root / "tests", self.private)] + list(self.options.deny)
+    @staticmethod
+    def deny_list(root: str) -> list[str]:
+        """Names whose reading the kernel's hook refuses and reports. In the sandbox they do not
+        exist at all; the hook only makes the attempt visible."""
+        return [f"{root}/{name}" for name in ("solutions", "course_lib/checks", "tests", ".git",
+                                                 "course_tools/checking.py")]
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+    def alive(self, grace: float = 0.0) -> bool:
+        """Whether the kernel runs; with ``grace``, whether it still runs after up to that many seconds."""
+        if self.proc is None:
+            return False
+        try:
+            self.proc.wait(grace) if grace else None
+        except subprocess.TimeoutExpired:
+            pass
+        return self.proc.poll() is None
 
-    def execute(self, code: str, timeout: float, silent: bool = False) -> Outcome:
-        """Run code; wait for its reply on the shell channel, draining (and counting) the output."""
-        start = time.monotonic()
-        msg_id = self.client.execute(code, silent=silent, store_history=not silent, allow_stdin=False,
-                                     stop_on_error=False)
-        deadline = start + timeout
+    # -- frames ------------------------------------------------------------------------------
+    def _send(self, kind: bytes, payload: bytes) -> int:
+        self.seq += 1
+        data = kind + self.seq.to_bytes(8, "big") + len(payload).to_bytes(8, "big") + payload
+        view = memoryview(data)
+        deadline = time.monotonic() + 30
+        while view:
+            _, ready, _ = select.select([], [self.requests], [], 0.2)
+            if ready:
+                view = view[os.write(self.requests, view[: 1 << 16]):]
+            elif not self.alive() or time.monotonic() > deadline:
+                raise BrokenPipeError("the kernel does not read its requests")
+        return self.seq
+
+    def _read_exact(self, n: int, deadline: float) -> bytes:
+        chunks, left = [], n
+        while left:
+            ready, _, _ = select.select([self.replies], [], [], 0.05)
+            if ready:
+                chunk = os.read(self.replies, min(left, 1 << 20))
+                if not chunk:
+                    raise ProtocolError("the kernel closed its reply pipe")
+                chunks.append(chunk)
+                left -= len(chunk)
+            elif not self.alive():
+                raise ProtocolError("the kernel is gone")
+            elif time.monotonic() > deadline:
+                raise TimeoutError()
+        return b"".join(chunks)
+
+    def _read_frame(self, deadline: float, limit: int) -> tuple[bytes, int, bytes]:
+        """One frame, its size checked against ``limit`` before anything of it is read."""
+        head = self._read_exact(17, deadline)
+        kind, seq, size = head[:1], int.from_bytes(head[1:9], "big"), int.from_bytes(head[9:], "big")
+        if size > limit:
+            raise ProtocolError(f"a reply of {size} bytes, larger than the limit of {limit}")
+        return kind, seq, self._read_exact(size, deadline)
+
+    def _await(self, seq: int, kinds: tuple[bytes, ...], timeout: float, limit: int) -> tuple[str, bytes]:
+        """Wait for the reply to request ``seq``: ('ok', payload), ('timeout', b''), ('killed', b''),
+        ('died', b''). A stray frame (wrong number or kind) is a protocol error: the kernel is killed."""
+        deadline = time.monotonic() + timeout
         interrupted = False
         while True:
-            self._drain_output()
             try:
-                msg = self.client.get_shell_msg(timeout=0.02)
-            except queue.Empty:
-                msg = None
-            if msg is not None and msg.get("parent_header", {}).get("msg_id") == msg_id:
-                content = msg.get("content", {})
-                took = time.monotonic() - start
+                kind, got, payload = self._read_frame(deadline, limit)
+            except TimeoutError:
                 if interrupted:
-                    return Outcome("timeout", "Timeout", f"stopped after {timeout:g} s", took)
-                if content.get("status") == "ok":
-                    return Outcome("ok", seconds=took)
-                return Outcome("error", str(content.get("ename", "Error"))[:200], str(content.get("evalue", ""))[:500],
-                               took)
-            if not self.alive():
-                return Outcome("died", "KernelDied", self.death_reason(), time.monotonic() - start)
-            now = time.monotonic()
-            if now > deadline and not interrupted:
+                    self.kill()
+                    return "killed", b""
                 self.interrupt()
-                interrupted, deadline = True, now + 3.0  # a grace period to come back from the interrupt
-            elif now > deadline:
+                interrupted, deadline = True, time.monotonic() + 3.0  # a grace period to come back
+                continue
+            except ProtocolError as err:
+                if self.alive(grace=1.0):  # a kernel that exits closes its pipes a moment before it is gone
+                    self.events.append({"kind": "protocol_violation", "detail": str(err)[:300]})
+                    self.kill()
+                return "died", b""
+            if got != seq or kind not in kinds:
+                if kind == b"R" and got == seq and interrupted:  # the interrupt landed while answering
+                    return "timeout", b""
+                self.events.append({"kind": "protocol_violation",
+                                    "detail": f"an unexpected frame {kind!r} #{got} while waiting for #{seq}"})
                 self.kill()
-                return Outcome("killed", "Timeout", f"stopped after {timeout:g} s (did not answer an interrupt)",
-                               now - start)
+                return "died", b""
+            return ("timeout" if interrupted else "ok"), payload
 
-    def _drain_output(self) -> None:
-        while True:
-            try:
-                msg = self.client.get_iopub_msg(timeout=0)
-            except queue.Empty:
-                return
-            if msg.get("msg_type") == "stream":
-                self.output_bytes += len(msg.get("content", {}).get("text", ""))
+    # -- cells and requests --------------------------------------------------------------------
+    def execute(self, code: str, timeout: float) -> Outcome:
+        """Run one cell; its output goes to the drained pipe (counted, then dropped)."""
+        start = time.monotonic()
+        try:
+            seq = self._send(b"E", code.encode("utf-8", "replace"))
+        except OSError:
+            return Outcome("died", "KernelDied", self.death_reason(), time.monotonic() - start)
+        status, payload = self._await(seq, (b"R",), timeout, 1 << 16)
+        took = time.monotonic() - start
+        if status == "killed":
+            return Outcome("killed", "Timeout", f"stopped after {timeout:g} s (did not answer an interrupt)", took)
+        if status == "died":
+            return Outcome("died", "KernelDied", self.death_reason(), took)
+        if status == "timeout":
+            return Outcome("timeout", "Timeout", f"stopped after {timeout:g} s", took)
+        try:
+            reply = json.loads(payload)
+            ok = reply["status"] == "ok"
+            ename, evalue = str(reply.get("ename", "Error"))[:200], str(reply.get("evalue", ""))[:500]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return Outcome("error", "ProtocolError", "the kernel's reply was not a reply", took)
+        return Outcome("ok", seconds=took) if ok else Outcome("error", ename, evalue, took)
+
+    def request(self, payload: bytes, timeout: float) -> tuple[str, bytes]:
+        try:
+            seq = self._send(b"A", payload)
+        except OSError:
+            return "died", b""
+        return self._await(seq, (b"A",), timeout, MAX_WIRE_BYTES)
 
     def interrupt(self) -> None:
-        if self.alive():
-            os.killpg(self.proc.pid, signal.SIGINT)
+        pid = self.info.get("child-pid") if getattr(self, "info", None) else None
+        if self.alive() and pid:
+            try:
+                os.kill(pid, signal.SIGINT)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def kill(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        """End the kernel and everything it started; record what was left running."""
+        if self.proc is None:
+            return
+        if self.hook.closed.is_set() and self.alive(grace=1.0):
+            self.events.append({"kind": "evidence_channel_closed",
+                                "detail": "the kernel closed the pipe on which its sandbox reports refusals"})
+        ns = self.info.get("pid-namespace") if getattr(self, "info", None) else None
+        if ns and self.proc.poll() is None:
+            others = [p for p in isolation.processes_in_namespace(ns) if p != self.info.get("child-pid")]
+            if others:
+                self.events.append({"kind": "processes_left_running",
+                                    "detail": f"{len(others)} process(es) the submission started were still "
+                                              "running and were killed with its kernel"})
+        self.stopped_by_grader = self.proc.poll() is None
+        pid = self.info.get("child-pid") if getattr(self, "info", None) else None
+        for target in ([pid] if pid else []):
+            try:
+                os.kill(target, signal.SIGKILL)  # PID 1 of the namespace: the kernel kills all the rest
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            if self.options.trust_submissions:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # no sandbox: the kernel's own session
+            else:
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:  # bwrap reaps its PID 1 and exits; its usage includes the kernel's
+                    got, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+                    if got:
+                        self.proc.returncode = os.waitstatus_to_exitcode(status)
+                        self.max_rss_mb = max(self.max_rss_mb, round(usage.ru_maxrss / 1024))  # the largest process
+                        self.cpu_s += usage.ru_utime + usage.ru_stime
+                        break
+                    time.sleep(0.01)
+        except (ProcessLookupError, PermissionError, ChildProcessError):
+            pass
+        if self.proc.poll() is None:
+            self.proc.kill()
             self.proc.wait()
-            if self.options.pid_dir:
-                (Path(self.options.pid_dir) / "kernel.pid").unlink(missing_ok=True)
-        if self.client is not None:
-            self.client.stop_channels()
-            self.client = None
+        self.last_code = self.proc.returncode
+        for fd in (self.requests, self.replies):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.out.join(5)
+        self.hook.join(5)
+        self.output_bytes += self.out.count
+        self.hook_lines += self.hook.lines
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        self.proc = None
 
     def death_reason(self) -> str:
-        code = self.proc.returncode if self.proc is not None else None
+        self.kill()
+        code = self.last_code
         tail = self.log_tail()
-        if any(m in tail for m in OOM_MARKERS) or code == -signal.SIGKILL:
+        if self.stopped_by_grader:
+            return "the kernel was stopped by the grader"
+        if any(m in tail for m in OOM_MARKERS) or code in (-signal.SIGKILL, 128 + signal.SIGKILL):
             return f"the kernel ran out of memory (exit code {code})"
         return f"the kernel died (exit code {code})"
 
     def log_tail(self, n: int = 2000) -> str:
-        try:
-            return self.log.read_bytes()[-n:].decode("utf-8", "replace")
-        except OSError:
-            return ""
+        return self.out.tail[-n:].decode("utf-8", "replace") if getattr(self, "out", None) else ""
 
 
 # ----------------------------------------------------------------------------------------------
 # The agent on the other side
 # ----------------------------------------------------------------------------------------------
 class RemoteAgent:
-    """Sends the checks' requests to ``_course_agent`` in the kernel and reads back data only."""
+    """Sends the checks' requests to the agent in the kernel over its pipe; reads back data only,
+    checked and copied (`course_tools.agent.loads`) before any check looks at it."""
 
     def __init__(self, kernel: Kernel, events: list):
         self.kernel, self.events = kernel, events
-        self.rpc = kernel.scratch / ".rpc"
-        self.rpc.mkdir(exist_ok=True)
-        self.n = 0
 
     def request(self, request: dict, timeout: float) -> dict:
-        self.n += 1
-        req, rep = self.rpc / f"req-{self.n}.pt", self.rpc / f"rep-{self.n}.pt"
-        req.write_bytes(dumps(to_wire(request)))
-        rep.unlink(missing_ok=True)
-        code = f"__import__('sys').modules['_course_agent'].serve({str(req)!r}, {str(rep)!r})"
-        out = self.kernel.execute(code, timeout, silent=True)
-        if out.kind in ("killed", "died"):
-            kind = "timeout" if out.kind == "killed" else ("out_of_memory" if "memory" in out.evalue else "kernel_died")
-            raise KernelLost(kind, out.evalue)
-        if out.kind == "timeout":
+        status, raw = self.kernel.request(dumps(to_wire(request)), timeout)
+        if status in ("killed", "died"):
+            kind = "timeout" if status == "killed" else ("out_of_memory" if "memory" in self.kernel.death_reason()
+                                                         else "kernel_died")
+            raise KernelLost(kind, "the kernel stopped answering" if status == "killed" else self.kernel.death_reason())
+        if status == "timeout":
             self.events.append({"kind": "timeout", "detail": f"a check's call ran past {timeout:g} s"})
             return _error("Timeout", "interrupted")
-        if out.kind == "error":
-            if out.ename == "KeyboardInterrupt":
-                return _error("Timeout", "interrupted")
-            return _error("AgentError", f"the grader's agent in the kernel failed ({out.ename}: {out.evalue}); "
-                                        "was _course_agent or sys.modules changed?")
         try:
-            raw = rep.read_bytes()
             reply = loads(raw)
-        except Exception as err:  # missing, too large, or not plain data
+        except Exception as err:  # too large, not plain data, a tensor that is not what it claims
+            self.kernel.events.append({"kind": "invalid_reply", "detail": f"{err}"[:300]})
             return _error("TransferError", f"the reply could not be read as data: {err}"[:300])
-        finally:
-            req.unlink(missing_ok=True)
-            rep.unlink(missing_ok=True)
         if not isinstance(reply, dict) or reply.get("ok") not in (True, False):
             return _error("TransferError", "the reply was not a reply")
         if not reply["ok"]:
@@ -259,6 +409,11 @@ def _error(kind: str, message: str) -> dict:
 # One submission
 # ----------------------------------------------------------------------------------------------
 FATAL = ("timeout", "kernel_died", "out_of_memory")
+# What the kernel's hook may report (anything else on its pipe is reported as unreadable_report)
+HOOK_KINDS = {"forbidden_read", "forbidden_write", "forbidden_import", "subprocess", "signal", "network", "ctypes",
+              "introspection", "code_patching"}
+# What the grader sees from outside the sandbox and reports as integrity flags
+OUTSIDE_FLAGS = {"processes_left_running", "evidence_channel_closed", "protocol_violation", "invalid_reply"}
 
 
 def grade_submission(path: Path, source: Path | None, options: Options) -> dict:
@@ -266,18 +421,18 @@ def grade_submission(path: Path, source: Path | None, options: Options) -> dict:
     from course_lib.checks import EXERCISES
 
     started = time.monotonic()
-    if path.stat().st_size > MAX_SUBMISSION_BYTES:
-        raw = b""
-        too_large = True
-    else:
-        raw, too_large = path.read_bytes(), False
+    raw, problem = read_submission(path)
     result: dict = {
         "submission": str(path), "source": source.name if source else None, "status": "graded",
         "score": 0.0, "max_score": 0.0, "percent": 0.0, "exercises": [], "integrity": [], "flagged": False,
         "cell_errors": [], "events": [], "output_bytes": 0,
         "grader": {"seed": options.seed, "timeout": options.timeout, "cell_timeout": options.cell_timeout,
-                   "memory_mb": options.memory_mb, "submission_sha256": notebooks.sha256(raw)},
+                   "memory_mb": options.memory_mb, "submission_sha256": notebooks.sha256(raw or b""),
+                   "sandbox": "none (--trust-submissions)" if options.trust_submissions else "bubblewrap"},
     }
+    if problem == "symlink":
+        result["integrity"].append({"kind": "submission_is_symlink", "cell_id": None,
+                                    "detail": "the submission is a symbolic link; it was not followed"})
     if source is None:
         return _finish(result, "invalid", started, detail="no notebook in solutions/ matches this submission "
                                                          "(by metadata course.source or by file name)")
@@ -285,23 +440,25 @@ def grade_submission(path: Path, source: Path | None, options: Options) -> dict:
     result["grader"]["source_sha256"] = notebooks.sha256(source.read_bytes())
     order = [notebooks.exercise_of(c) for c in src_nb.cells if notebooks.is_checker(c)]
     try:
-        if too_large:
-            raise ValueError(f"the file is larger than {MAX_SUBMISSION_BYTES // 2**20} MiB")
-        sub_nb = nbformat.reads(raw.decode("utf-8"), as_version=4)
-        if not isinstance(sub_nb.get("cells"), list):
-            raise ValueError("no cells")
+        if problem:
+            raise ValueError(problem)
+        sub_nb = notebooks.parse_submission(raw.decode("utf-8"))
     except Exception as err:
         result["exercises"] = [EXERCISES[e].not_run("not run: the file is not a readable notebook").to_dict()
                                for e in order]
         return _finish(result, "invalid", started, detail=f"not a readable notebook: {err}"[:300])
+    result["integrity"] += notebooks.source_mismatch(path, sub_nb, source)
     restored = notebooks.restore_checker_cells(sub_nb, src_nb)
     result["integrity"] += restored.integrity
     result["integrity"] += _suspicious_source(restored.notebook)
 
-    scratch = Path(tempfile.mkdtemp(prefix="course-grade-"))
-    private = Path(tempfile.mkdtemp(prefix="course-grader-"))
-    nbformat.write(restored.notebook, scratch / path.name)  # the scratch copy, for the record
-    kernel = Kernel(scratch, private, options)
+    own_tree = None
+    if options.kernel_tree is None and not options.trust_submissions:
+        isolation.check_available()
+    if options.kernel_tree is None:  # graded on its own (tests): a kernel tree for this submission only
+        own_tree = Path(tempfile.mkdtemp(prefix="course-tree-"))
+        isolation.build_kernel_tree(notebooks.ROOT, own_tree / "tree", options.python)
+    kernel = Kernel(options, Path(options.kernel_tree) if options.kernel_tree else own_tree / "tree")
     results: dict[str, ExerciseResult] = {}
     history: list[str] = []
     try:
@@ -315,10 +472,13 @@ def grade_submission(path: Path, source: Path | None, options: Options) -> dict:
     finally:
         kernel.kill()
         result["output_bytes"] = kernel.output_bytes
-        result["integrity"] += _sandbox_log(private / "sandbox.log")
-        if not options.keep_scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(private, ignore_errors=True)
+        result["grader"].update({"kernel_starts": kernel.starts, "kernel_max_rss_mb": kernel.max_rss_mb,
+                                 "kernel_cpu_seconds": round(kernel.cpu_s, 2)})
+        result["integrity"] += _hook_events(kernel.hook_lines) + [
+            {**e, "cell_id": None} for e in kernel.events if e["kind"] in OUTSIDE_FLAGS]
+        result["events"] += [e for e in kernel.events if e["kind"] not in OUTSIDE_FLAGS]
+        if own_tree is not None:
+            shutil.rmtree(own_tree, ignore_errors=True)
     for ex_id in order:
         if ex_id not in results:
             results[ex_id] = EXERCISES[ex_id].not_run("not run: the notebook stopped before this check cell",
@@ -413,18 +573,43 @@ def _suspicious_source(nb) -> list[dict]:
     return found
 
 
-def _sandbox_log(log: Path) -> list[dict]:
-    try:
-        lines = log.read_text("utf-8", "replace").splitlines()
-    except OSError:
-        return []
+def _hook_events(lines: list[str]) -> list[dict]:
+    """The refusals the kernel's hook reported on its pipe, one flag per distinct refusal."""
     events, seen = [], set()
     for line in lines[:200]:
         kind, _, detail = line.partition("\t")
+        kind = kind if kind in HOOK_KINDS else "unreadable_report"
         if (kind, detail) not in seen:
             seen.add((kind, detail))
             events.append({"kind": kind, "cell_id": None, "detail": f"refused: {detail}"[:300]})
     return events
+
+
+def read_submission(path: Path) -> tuple[bytes | None, str | None]:
+    """The submission's bytes, read without following a symbolic link and only up to the size
+    limit: (data, None), or (None, what is wrong)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as err:
+        return None, "symlink" if err.errno == errno.ELOOP else f"the file cannot be read: {err.strerror}"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, "not a regular file"
+        if st.st_size > MAX_SUBMISSION_BYTES:
+            return None, f"the file is larger than {MAX_SUBMISSION_BYTES // 2**20} MiB"
+        chunks, total = [], 0
+        while total <= MAX_SUBMISSION_BYTES:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > MAX_SUBMISSION_BYTES:
+            return None, f"the file is larger than {MAX_SUBMISSION_BYTES // 2**20} MiB"
+        return b"".join(chunks), None
+    finally:
+        os.close(fd)
 
 
 def _finish(result: dict, status: str, started: float, detail: str | None = None) -> dict:

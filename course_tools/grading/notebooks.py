@@ -194,16 +194,56 @@ def validate_source(nb: nbformat.NotebookNode, name: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Submissions: find the source, put back the check cells
 # ----------------------------------------------------------------------------------------------
+def parse_submission(text: str | bytes) -> nbformat.NotebookNode:
+    """A submitted notebook as written: unlike ``nbformat.reads``, no validation that renames
+    duplicate cell ids (it renames the later cell, which would hide a real check cell behind a copy
+    placed above it). Raises ValueError when it is not a notebook the grader can run."""
+    nb = nbformat.reader.reads(text)
+    if nb.get("nbformat") != 4:
+        nb = nbformat.convert(nb, 4)
+    cells = nb.get("cells")
+    if not isinstance(cells, list):
+        raise ValueError("no cells")
+    for cell in cells:
+        if not (isinstance(cell, dict) and isinstance(cell.get("source"), str)
+                and isinstance(cell.get("metadata"), dict) and cell.get("cell_type") in ("code", "markdown", "raw")):
+            raise ValueError("a cell without a type, a source or metadata")
+        if cell.get("id") is not None and not isinstance(cell.get("id"), str):
+            raise ValueError("a cell id that is not a string")
+    if not isinstance(nb.get("metadata"), dict):
+        raise ValueError("no metadata")
+    return nb
+
+
 def source_for(submission: Path, nb: nbformat.NotebookNode | None, solutions: Path = SOLUTIONS) -> Path | None:
-    """The solutions/ notebook a submission was made from: named in its metadata, or in its file name
-    (``alice_00_recap_exercises.ipynb`` works too)."""
+    """The solutions/ notebook a submission was made from: named in its file name
+    (``alice_00_recap_exercises.ipynb`` works too), or else in its metadata (``course.source``).
+    The file name wins: it is what the instructor asked for (`source_mismatch` flags a notebook
+    that says it is another one)."""
     stems = {p.stem: p for p in solutions.glob("*.ipynb")}
+    matches = [s for s in stems if s in submission.stem]
+    if matches:
+        return stems[max(matches, key=len)]
     if nb is not None:
         named = Path(str(nb.metadata.get("course", {}).get("source", ""))).stem
         if named in stems:
             return stems[named]
-    matches = [s for s in stems if s in submission.stem]
-    return stems[max(matches, key=len)] if matches else None
+    return None
+
+
+def source_mismatch(submission: Path, nb: nbformat.NotebookNode, source: Path) -> list[dict]:
+    """A flag when the submission is another exercise notebook than the one it is graded as: its
+    metadata names another notebook, or its check cells belong to other exercises."""
+    named = Path(str(nb.metadata.get("course", {}).get("source", "") or "")).stem
+    src = nbformat.read(source, as_version=4)
+    own = {exercise_of(c) for c in src.cells if is_checker(c)}
+    theirs = {exercise_of(c) for c in nb.cells if is_checker(c) and exercise_of(c)} - own
+    if (named and named != source.stem) or theirs:
+        what = f"its metadata names {named}" if named and named != source.stem else (
+            f"its check cells are for {', '.join(sorted(map(str, theirs)))}")
+        return [{"kind": "wrong_notebook", "cell_id": None,
+                 "detail": f"graded as {source.stem} (its file name), but {what}"[:300]}]
+    return []
 
 
 def is_checker(cell: nbformat.NotebookNode) -> bool:
@@ -235,6 +275,19 @@ def restore_checker_cells(submission: nbformat.NotebookNode, source: nbformat.No
     extra: set[str] = set()
     seen: set[str] = set()
     checker_sources = {_norm(c.source) for c in checkers.values()}
+    # Several cells with a check cell's id (a copy pasted above the real one): the check runs at the
+    # last of them, where the learner's code above it is complete; the earlier ones are dropped.
+    last = {c.get("id"): i for i, c in enumerate(nb.cells) if c.get("id") in checkers}
+    kept = []
+    for i, cell in enumerate(nb.cells):
+        cid = cell.get("id")
+        if cid in checkers and i != last[cid]:
+            integrity.append({"kind": "checker_cell_duplicated", "cell_id": cid,
+                              "detail": "another cell had this check cell's id; the check ran at the last "
+                                        "cell with the id, and the earlier one was never run"})
+        else:
+            kept.append(cell)
+    nb.cells = kept
     for i, cell in enumerate(nb.cells):
         cid = cell.get("id")
         if cid in checkers and cid not in seen:

@@ -10,11 +10,10 @@ from dataclasses import dataclass
 class Options:
     timeout: float = 600.0  # seconds for the whole notebook
     cell_timeout: float = 120.0  # seconds for one cell, or one call into the learner's code
-    memory_mb: int = 4096  # address-space limit of the kernel
-    file_mb: int = 256  # largest file the kernel may write
+    memory_mb: int = 4096  # address-space limit of each process of a kernel
+    file_mb: int = 256  # largest file a kernel may write; also the size of its scratch folder and /tmp
+    grader_memory_mb: int = 8192  # address-space limit of each grading process (it reads the kernels' replies)
     seed: int = 0  # the checks' seeds are drawn from it
-    deny: tuple[str, ...] = ()  # extra folders the kernel may not read (the submissions, the reports)
     python: str = sys.executable
-    keep_scratch: bool = False
-    cache_dir: str | None = None  # shared by the kernels of a batch (matplotlib's font cache)
-    pid_dir: str | None = None  # where the kernel's pid is written, for the batch to clean up after a kill
+    trust_submissions: bool = False  # run kernels without the operating-system sandbox (one's own work only)
+    kernel_tree: str | None = None  # the read-only copy of the course the kernels see (isolation.build_kernel_tree)

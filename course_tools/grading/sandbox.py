@@ -1,26 +1,24 @@
-"""The kernel a submission runs in: an ipykernel started behind limits and a Python audit hook.
+"""The kernel a submission runs in, on the inside of the sandbox: a small IPython runner on pipes.
 
-The grader starts it as ``python -m course_tools.grading.sandbox -f CONNECTION_FILE`` with its
-settings in ``COURSE_SANDBOX_*`` environment variables. Before any of the learner's code runs it:
+The grader starts it in an operating-system sandbox (``isolation.py``: Bubblewrap, its own PID
+namespace, no network, an unprivileged uid, read-only course files, kernel-enforced limits) as
+``python -P -s -m course_tools.grading.sandbox``, with three pipes it created and passed in (their
+numbers in ``COURSE_SANDBOX_FDS``): requests in, replies out, and events out. The runner:
 
-1. sets resource limits: address space (memory), size of any file written, no core dumps;
-2. imports torch, numpy and the agent (``course_tools.agent``), and registers the agent as the
-   module ``_course_agent``, through which the grader's checks call the learner's code;
-3. installs an audit hook (PEP 578; Python offers no way to remove one) that refuses, and logs to
-   a file the grader reads:
-   - reading or listing the forbidden folders (solutions/, the checks, .git, the other
-     submissions, the grader's reports) and other processes' /proc entries;
-   - writing, deleting or renaming anything outside the submission's scratch folder;
-   - importing the checks or the grader (course_lib.checks, course_tools.checking, course_tools.grading);
-   - starting processes, signalling other processes (the grader), opening network connections,
-     raw memory through ctypes, walking the garbage collector's objects, replacing code objects
-     (the usual ways around a hook);
-4. starts the kernel.
+1. sets resource limits itself only when there is no sandbox (``--trust-submissions``); in the
+   sandbox the operating system has set them before Python started;
+2. imports torch, numpy, matplotlib and IPython, and builds an IPython shell (magics, ``!``) whose
+   namespace the grader's checks reach through the agent (``course_tools/agent.py``);
+3. installs an audit hook (PEP 578) that refuses the usual ways out (subprocesses, signals, network,
+   raw memory, reading the names of forbidden folders, writing outside the scratch folder and
+   ``/tmp``) and reports each refusal on the events pipe. The grader reads that pipe as it is
+   written: what was reported cannot be taken back. The hook only names what was tried; what a
+   submission can do is decided by the sandbox, not by the hook;
+4. answers frames: ``E`` runs a cell, ``A`` serves one request of the checks. Each frame is one type
+   byte, an 8-byte length and a payload; a reply carries the request's sequence number.
 
-This is defence in depth, not the guarantee: scores never depend on anything in this process.
-The checks run in the grader's process and receive only data from here (``course_tools/agent.py``).
-An in-process hook can be defeated by determined code; what that code can reach is its own
-process, and the attempt leaves a trace in the log and in the submission's source.
+A submission controls this process entirely (it may close the pipes, forge frames or exit): the
+grader treats everything it reads from here as untrusted data (``executor.py``).
 """
 
 from __future__ import annotations
@@ -30,11 +28,13 @@ import resource
 import signal
 import sys
 
-ENV_DENY = "COURSE_SANDBOX_DENY"  # os.pathsep-separated folders that may not be read
+ENV_DENY = "COURSE_SANDBOX_DENY"  # os.pathsep-separated folders whose reading is refused and reported
 ENV_WRITABLE = "COURSE_SANDBOX_WRITABLE"  # os.pathsep-separated folders that may be written
-ENV_LOG = "COURSE_SANDBOX_LOG"  # file the hook appends its refusals to
-ENV_MEMORY_MB = "COURSE_SANDBOX_MEMORY_MB"
+ENV_FDS = "COURSE_SANDBOX_FDS"  # "requests,replies,events": the pipes' descriptor numbers
+ENV_MEMORY_MB = "COURSE_SANDBOX_MEMORY_MB"  # set only without a sandbox: the runner sets its own limits
 ENV_FILE_MB = "COURSE_SANDBOX_FILE_MB"
+ENV_MPL_CACHE = "COURSE_SANDBOX_MPL_CACHE"  # read-only folder with matplotlib's font cache
+MAX_CELL_BYTES = 16 * 2**20  # a larger frame from the grader is a protocol error
 FORBIDDEN_MODULES = ("course_lib.checks", "course_tools.checking", "course_tools.grading")
 _SPAWN = {"subprocess.Popen", "os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.forkpty",
           "os.startfile", "pty.spawn"}
@@ -154,56 +154,136 @@ def make_hook(deny: tuple[str, ...], writable: tuple[str, ...], log_fd: int):
     return hook
 
 
-def install_agent() -> None:
-    """Register ``_course_agent.serve(request_path, reply_path)`` for the grader's checks."""
-    import types
+def set_signals() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write fails with EFBIG instead of killing
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # PID 1 ignores signals without a handler
 
-    from course_tools.agent import AgentCore, dumps, loads
 
-    def namespace() -> dict:
-        from IPython import get_ipython
+# ----------------------------------------------------------------------------------------------
+# Frames
+# ----------------------------------------------------------------------------------------------
+def write_frame(fd: int, kind: bytes, seq: int, payload: bytes) -> None:
+    data = kind + seq.to_bytes(8, "big") + len(payload).to_bytes(8, "big") + payload
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
 
-        shell = get_ipython()
-        return shell.user_ns if shell is not None else {}
 
-    core = AgentCore(namespace)
+def _read_exact(fd: int, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            raise EOFError("the grader closed the pipe")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
-    def serve(request_path: str, reply_path: str) -> None:
+
+def read_frame(fd: int) -> tuple[bytes, int, bytes]:
+    head = _read_exact(fd, 17)
+    kind, seq, size = head[:1], int.from_bytes(head[1:9], "big"), int.from_bytes(head[9:], "big")
+    if size > MAX_CELL_BYTES:
+        raise EOFError("a frame larger than the limit")
+    return kind, seq, _read_exact(fd, size)
+
+
+# ----------------------------------------------------------------------------------------------
+# The runner
+# ----------------------------------------------------------------------------------------------
+def _shell():
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    config = Config()
+    config.HistoryManager.enabled = False  # no sqlite file: nothing in the scratch folder is ever read back
+    config.InteractiveShell.colors = "NoColor"
+    config.InteractiveShell.xmode = "Plain"
+    return InteractiveShell.instance(config=config)
+
+
+def _run_cell(shell, code: str) -> dict:
+    try:
+        result = shell.run_cell(code, store_history=True, silent=False)
+    except KeyboardInterrupt:
+        return {"status": "error", "ename": "KeyboardInterrupt", "evalue": ""}
+    err = result.error_before_exec or result.error_in_exec
+    if err is None:
+        return {"status": "ok"}
+    try:
+        value = str(err)[:500]
+    except BaseException:  # a learner's exception whose __str__ fails
+        value = "(the error's message could not be read)"
+    return {"status": "error", "ename": type(err).__name__[:200], "evalue": value}
+
+
+def serve(fds: tuple[int, int], shell, core) -> None:
+    """Answer the grader's frames until it closes the request pipe."""
+    import json
+
+    from course_tools.agent import dumps, loads
+
+    requests, replies = fds
+    while True:
         try:
-            with open(request_path, "rb") as f:
-                reply = core.serve(loads(f.read()))
-            data = dumps(reply)
-        except BaseException as err:  # the reply itself could not be built or saved
-            data = dumps({"ok": False, "error": {"type": "TransferError", "message": repr(err)[:300], "where": ""}})
-        with open(reply_path, "wb") as f:
-            f.write(data)
+            kind, seq, payload = read_frame(requests)
+        except KeyboardInterrupt:  # an interrupt that came between two requests
+            continue
+        except (EOFError, OSError):
+            return
+        try:
+            if kind == b"E":
+                reply = json.dumps(_run_cell(shell, payload.decode("utf-8", "replace"))).encode()
+                write_frame(replies, b"R", seq, reply)
+            elif kind == b"A":
+                try:
+                    answer = core.serve(loads(payload))
+                    data = dumps(answer)
+                except BaseException as err:  # the answer could not be built or saved as data
+                    data = dumps({"ok": False, "error": {"type": "TransferError", "message": repr(err)[:300],
+                                                          "where": ""}})
+                write_frame(replies, b"A", seq, data)
+        except KeyboardInterrupt:  # arrived after the work was done, while answering
+            write_frame(replies, b"R", seq, b'{"status": "error", "ename": "KeyboardInterrupt", "evalue": ""}')
+        except OSError:
+            return
 
-    module = types.ModuleType("_course_agent")
-    module.serve = serve
-    sys.modules["_course_agent"] = module
 
-
-def main(argv: list[str]) -> None:
-    set_limits(int(os.environ.get(ENV_MEMORY_MB, "0")), int(os.environ.get(ENV_FILE_MB, "0")))
+def main() -> None:
+    set_signals()
+    if os.environ.get(ENV_MEMORY_MB):  # no operating-system sandbox: limits of our own
+        set_limits(int(os.environ[ENV_MEMORY_MB]), int(os.environ.get(ENV_FILE_MB, "0")))
     sys.dont_write_bytecode = True
+    requests, replies, events = (int(x) for x in os.environ[ENV_FDS].split(","))
+    cache = os.environ.get(ENV_MPL_CACHE)
+    mpl = os.environ.get("MPLCONFIGDIR")
+    if cache and mpl and os.path.isdir(cache):  # matplotlib wants a writable cache: copy the prebuilt one
+        import shutil
+
+        os.makedirs(mpl, exist_ok=True)
+        for name in os.listdir(cache):
+            if name.endswith(".json"):
+                shutil.copyfile(os.path.join(cache, name), os.path.join(mpl, name))
     import numpy  # noqa: F401  (loaded before the hook: their own imports read many files)
     import torch  # noqa: F401
 
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.font_manager  # noqa: F401  (builds or reads the font cache, which runs fc-list)
-    from ipykernel.kernelapp import IPKernelApp
+    import matplotlib.font_manager  # noqa: F401
 
-    install_agent()
-    app = IPKernelApp.instance()
-    app.initialize(argv)  # reads the connection file and sets the kernel up: before the hook
+    from course_tools.agent import AgentCore
+
+    shell = _shell()
+    core = AgentCore(lambda: shell.user_ns)
     deny = tuple(os.path.realpath(p) for p in os.environ.get(ENV_DENY, "").split(os.pathsep) if p)
     writable = tuple(os.path.realpath(p) for p in os.environ.get(ENV_WRITABLE, "").split(os.pathsep) if p)
-    log_fd = os.open(os.environ[ENV_LOG], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    sys.addaudithook(make_hook(deny, writable, log_fd))
-    app.start()
+    sys.addaudithook(make_hook(deny, writable, events))
+    write_frame(replies, b"H", 0, b"ready")
+    serve((requests, replies), shell, core)
+    os._exit(0)  # without running the learner's atexit handlers
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
