@@ -206,6 +206,8 @@ class Denoiser:
 
     def D(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """x0_hat = D(x; sigma_i) = c_skip x + c_out F(c_in x, t_i), for x = x0 + sigma_i eps."""
+        if self.sigmas is None:
+            raise ValueError("D(x; sigma) needs Karras' sigmas: build the Denoiser with Denoiser.at_sigmas")
         F = self.model_output(x / self._inv_c_in[i], i)
         c_skip_x = x if self.prediction_type == "epsilon" else x / self._inv_c_skip[i]  # c_skip = 1 for eps
         return c_skip_x + self._c_out[i] * F
@@ -219,6 +221,8 @@ class Denoiser:
         Euler schedulers use with "linspace" and "trailing" spacing (they use "exact" with
         "leading"). The two differ by 0.2% at SD's sigma_max = 14.6.
         """
+        if self.sigmas is None:
+            raise ValueError("start needs Karras' sigmas: build the Denoiser with Denoiser.at_sigmas")
         if init_noise_sigma not in ("exact", "sigma_max"):
             raise ValueError(f"init_noise_sigma must be 'exact' or 'sigma_max', got {init_noise_sigma!r}")
         sigma_max = self.sigmas[0]

@@ -8,6 +8,7 @@ import torch
 from course_lib.gaussian_model import gaussian_data_model, gaussian_data_ode_solution
 from course_lib.samplers import (
     SAMPLERS,
+    Denoiser,
     ddim,
     ddpm,
     default_timesteps,
@@ -145,6 +146,34 @@ def test_integer_and_float_timesteps_for_euler():
     a = euler(toy_model, noise(), SCHED, make_timesteps(20, spacing="trailing"))
     b = euler(toy_model, noise(), SCHED, make_timesteps(20, spacing="trailing").float())
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_denoiser_gives_the_exact_x0_and_eps_in_both_views(prediction_type):
+    """The wrapped model, eps- or v-predicting, answers E[x0 | x_t] and E[eps | x_t] for Gaussian data: on x_t
+    itself (both constructors), and as Karras' D(x; sigma) on x = x_t / sqrt(alpha_bar) (Table 1's c_in, c_skip,
+    c_out), with x_t = sqrt_ab x0 + sqrt_1m_ab eps holding for its two estimates."""
+    data_std = 0.8
+    model = gaussian_data_model(SCHED, data_std, prediction_type)
+    x_t = noise(dtype=torch.float64)
+    ts = make_timesteps(7, spacing="trailing")
+    for build in (Denoiser.at_timesteps, Denoiser.at_sigmas):
+        den = build(model, x_t, SCHED, ts, None, prediction_type)
+        for i in range(den.n):
+            a = den.sqrt_ab[i].double() ** 2  # alpha_bar at step i, as the denoiser sees it
+            var = a * data_std**2 + 1 - a
+            exact_x0 = data_std**2 * a.sqrt() * x_t / var
+            exact_eps = (1 - a).sqrt() * x_t / var
+            x0, eps = den.x0_eps(x_t, i)
+            torch.testing.assert_close(x0, exact_x0, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(eps, exact_eps, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(den.sqrt_ab[i] * x0 + den.sqrt_1m_ab[i] * eps, x_t, rtol=1e-5, atol=1e-5)
+            if build is Denoiser.at_sigmas:
+                sigma = den.sigmas[i].item()
+                assert abs(sigma - ((1 - a) / a).sqrt().item()) < 1e-4 * sigma
+                torch.testing.assert_close(den.D(x_t / den.sqrt_ab[i].item(), i), exact_x0, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="at_sigmas"):
+        Denoiser.at_timesteps(model, x_t, SCHED, ts, None, prediction_type).D(x_t, 0)
 
 
 def test_sigmas_at_interpolates_between_entries():
