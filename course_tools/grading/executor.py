@@ -135,7 +135,7 @@ class Kernel:
                sandbox.ENV_FDS: f"{requests_r},{replies_w},{events_w}",
                sandbox.ENV_MPL_CACHE: f"{isolation.COURSE}/mpl",
                sandbox.ENV_WRITABLE: os.pathsep.join([isolation.SCRATCH, "/tmp"]),
-               sandbox.ENV_DENY: os.pathsep.join(self.deny_list(isolation.COURSE))}
+               sandbox.ENV_DENY: os.pathsep.join(self.deny_list(isolation.COURSE) + self.deny_list(str(notebooks.ROOT)))}
         limits = isolation.Limits(memory_mb=self.options.memory_mb, file_mb=self.options.file_mb,
                                   cpu_s=int(self.options.timeout + 60))
         if self.options.trust_submissions:  # no sandbox: the same runner, its own limits, a temporary folder
@@ -149,7 +149,7 @@ class Kernel:
             cwd = self.scratch
         else:
             self.scratch = None
-            argv = isolation.command(tree, self.options.python, {}, info_w, limits, env)
+            argv = isolation.command(tree, self.options.python, info_w, limits, env)
             cwd = None
         try:
             self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_w, stderr=out_w,

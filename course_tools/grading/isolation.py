@@ -161,8 +161,7 @@ def runtime_paths() -> list[str]:
     return keep
 
 
-def command(tree: Path, python: str, fds: dict[str, int], info_fd: int, limits: Limits,
-            env: dict[str, str]) -> list[str]:
+def command(tree: Path, python: str, info_fd: int, limits: Limits, env: dict[str, str]) -> list[str]:
     """The argv that starts one sandboxed kernel (see the module's docstring)."""
     bwrap = bwrap_path()
     if bwrap is None:
