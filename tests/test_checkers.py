@@ -310,11 +310,11 @@ def test_an_answer_for_the_notebooks_seeds_fails_other_seeds():
     assert ex.run(LocalAgent({"UNetAnalyzer": ns["UNetAnalyzer"]}), (5, 6, 7)).score == 0
 
 
-def test_the_seeds_own_solution_fails_where_it_is_wrong():
-    """The seed lesson's solution to the schedule exercise, graded: its two mistakes show, the rest passes."""
+def test_the_articles_own_solution_fails_where_it_is_wrong():
+    """Episode 84's own solution to the schedule exercise, graded: its two mistakes show, the rest passes."""
     from course_lib.checks import recap
 
-    class SeedComparator:  # no cap on beta; and a "crossing" at the last step when there is none
+    class ArticleComparator:  # no cap on beta; and a "crossing" at the last step when there is none
         def linear_schedule(self, T, beta_start=1e-4, beta_end=0.02):
             return torch.cumprod(1.0 - torch.linspace(beta_start, beta_end, T), dim=0)
 
@@ -329,11 +329,11 @@ def test_the_seeds_own_solution_fails_where_it_is_wrong():
         def find_zero_crossing(self, alpha_bars):
             return next((t for t in range(len(alpha_bars)) if alpha_bars[t] <= 0.5), len(alpha_bars) - 1)
 
-    result = EXERCISES["schedule_comparator"].run(LocalAgent({"ScheduleComparator": SeedComparator}))
+    result = EXERCISES["schedule_comparator"].run(LocalAgent({"ScheduleComparator": ArticleComparator}))
     passed = {c.name.split(" ")[0]: c.passed for c in result.checks}
     assert passed["linear_schedule(T)"] and passed["signal_to_noise_ratio(alpha_bar)"]
     assert not passed["cosine_schedule(T)"] and not passed["find_zero_crossing(alpha_bars)"]
-    assert recap.zero_crossing(recap.linear_alpha_bars(1000)) == 259  # the seed's "around t = 250"
+    assert recap.zero_crossing(recap.linear_alpha_bars(1000)) == 259  # the article's "around t = 250"
 
 
 # ----------------------------------------------------------------------------------------------
