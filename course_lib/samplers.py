@@ -125,7 +125,7 @@ class Denoiser:
         D(x; sigma) = c_skip x + c_out F(c_in x, t_i)                       (eq. 7, Table 1)
         c_in = 1 / sqrt(sigma^2 + 1)          so the model sees c_in x = x_t, as it was trained
         epsilon       c_skip = 1                  c_out = -sigma
-        v_prediction  c_skip = 1 / (sigma^2 + 1)  c_out = -sigma / sqrt(sigma^2 + 1)   (k-diffusion's VDenoiser)
+        v_prediction  c_skip = 1 / (sigma^2 + 1)  c_out = -sigma / sqrt(sigma^2 + 1)   (sigma_data = 1)
 
     Build it with `at_timesteps` (alpha_bar read from the schedule's table: DDPM, DDIM) or
     `at_sigmas` (sigma interpolated at possibly fractional timesteps: the sigma-based samplers).
@@ -258,12 +258,12 @@ def ddpm(
     diffusers: DDPMScheduler (variance_type="fixed_small").
     """
     den = Denoiser.at_timesteps(model, x, schedule, timesteps, cond, prediction_type)
-    a_t = den.alpha_bar  # (n,) alpha_bar_t
-    a_s = torch.cat([a_t[1:], torch.ones(1)])  # (n,) alpha_bar_s of the next step
-    beta = 1 - a_t / a_s
-    c_x0 = (a_s**0.5 * beta / (1 - a_t)).tolist()
-    c_xt = ((a_t / a_s) ** 0.5 * (1 - a_s) / (1 - a_t)).tolist()  # sqrt(1 - beta) = sqrt(alpha_bar_t / alpha_bar_s)
-    std = ((((1 - a_s) / (1 - a_t) * beta).clamp(min=1e-20)) ** 0.5).tolist()
+    alpha_bar_t = den.alpha_bar  # (n,)
+    alpha_bar_s = torch.cat([alpha_bar_t[1:], torch.ones(1)])  # (n,) at the next step; 1 after the last
+    beta = 1 - alpha_bar_t / alpha_bar_s
+    c_x0 = (alpha_bar_s**0.5 * beta / (1 - alpha_bar_t)).tolist()
+    c_xt = ((alpha_bar_t / alpha_bar_s) ** 0.5 * (1 - alpha_bar_s) / (1 - alpha_bar_t)).tolist()  # sqrt(1 - beta) first
+    std = ((((1 - alpha_bar_s) / (1 - alpha_bar_t) * beta).clamp(min=1e-20)) ** 0.5).tolist()
 
     for i in range(den.n):
         x0, _ = den.x0_eps(x, i)
@@ -312,12 +312,12 @@ def ddim(
     if clip_x0 is not None and clip_x0 <= 0:
         raise ValueError(f"clip_x0 must be positive or None, got {clip_x0}")
     den = Denoiser.at_timesteps(model, x, schedule, timesteps, cond, prediction_type)
-    a_t = den.alpha_bar  # (n,) alpha_bar_t
+    alpha_bar_t = den.alpha_bar  # (n,)
     final = torch.ones(1) if set_alpha_to_one else schedule.alphas_cumprod[:1]
-    a_s = torch.cat([a_t[1:], final])  # (n,) alpha_bar_s of the next step
-    std = eta * (((1 - a_s) / (1 - a_t)) * (1 - a_t / a_s)) ** 0.5  # (n,) eq. 16
-    c_eps = ((1 - a_s - std**2) ** 0.5).tolist()  # "direction pointing to x_t"
-    c_x0, std = (a_s**0.5).tolist(), std.tolist()
+    alpha_bar_s = torch.cat([alpha_bar_t[1:], final])  # (n,) at the next step
+    std = eta * (((1 - alpha_bar_s) / (1 - alpha_bar_t)) * (1 - alpha_bar_t / alpha_bar_s)) ** 0.5  # (n,) eq. 16
+    c_eps = ((1 - alpha_bar_s - std**2) ** 0.5).tolist()  # "direction pointing to x_t"
+    c_x0, std = (alpha_bar_s**0.5).tolist(), std.tolist()
 
     for i in range(den.n):
         x0, eps = den.x0_eps(x, i)
