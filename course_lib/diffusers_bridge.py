@@ -51,7 +51,7 @@ from .samplers import SamplerName, sample, unet_model
 from .schedules import NoiseSchedule, scaled_linear_betas
 
 # The SD 1.5 checkpoint that exists on the Hub today. The original runwayml repository was taken down,
-# and stabilityai/stable-diffusion-2-1 (the seed lesson's id) was withdrawn in late 2025.
+# and stabilityai/stable-diffusion-2-1 (the article's id) was withdrawn in late 2025.
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 # SD 1.x's scheduler settings (its scheduler_config.json); diffusers' DDIMScheduler defaults to
