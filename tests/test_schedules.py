@@ -5,14 +5,17 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from course_lib.schedules import (
+    ZERO_SNR_ALPHA_BAR,
     NoiseSchedule,
     add_noise,
+    alpha_bar_at,
     cosine_betas,
     linear_betas,
     make_timesteps,
     rescale_zero_terminal_snr,
     scaled_linear_betas,
     sd_schedule,
+    sigmas_at,
     snr,
     snr_db,
     velocity,
@@ -76,6 +79,27 @@ def test_sigmas_property():
     s = sd_schedule()
     torch.testing.assert_close(s.sigmas, ((1 - s.alphas_cumprod) / s.alphas_cumprod) ** 0.5)
     assert abs(s.sigmas[-1].item() - 14.61) < 0.01  # SD's sigma_max
+
+
+@pytest.mark.parametrize("num_steps", [7, 20])
+def test_sigmas_at_fractional_timesteps_equal_euler_discrete(num_steps):
+    """Karras' sigma between table entries is interpolated as diffusers' Euler schedulers do (numpy.interp)."""
+    scheduler = EulerDiscreteScheduler.from_config({**SD, "timestep_spacing": "linspace"})
+    scheduler.set_timesteps(num_steps)
+    ts = make_timesteps(num_steps, spacing="linspace", integer=False)
+    assert not torch.equal(ts, ts.round())  # fractional timesteps, the case that needs interpolating
+    torch.testing.assert_close(sigmas_at(sd_schedule(), ts), scheduler.sigmas[:-1], rtol=1e-6, atol=0)
+
+
+def test_alpha_bar_at():
+    s = sd_schedule()
+    t = torch.tensor([0, 1, 500, 999])
+    torch.testing.assert_close(alpha_bar_at(s, t), s.alphas_cumprod[t], rtol=1e-5, atol=0)  # the table at integers
+    a = alpha_bar_at(s, torch.tensor([500.5])).item()
+    assert s.alphas_cumprod[501].item() < a < s.alphas_cumprod[500].item()
+    zsnr = NoiseSchedule.from_betas(rescale_zero_terminal_snr(scaled_linear_betas()))
+    assert zsnr.alphas_cumprod[-1].item() == 0.0
+    assert alpha_bar_at(zsnr, torch.tensor([999])).item() == pytest.approx(ZERO_SNR_ALPHA_BAR, rel=1e-3)  # as diffusers
 
 
 # -----------------------------------------------------------------------------
