@@ -8,6 +8,7 @@ exercises/ written or in sync), 1 when check-sync finds exercises/ out of date, 
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import sys
 from pathlib import Path
@@ -95,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     from course_tools.grading import isolation
     from course_tools.grading.batch import find_submissions
 
+    if args.trust_submissions and os.name != "posix":
+        print("error: grading needs a POSIX system (Linux, or macOS with --trust-submissions); on Windows, "
+              "run it in WSL or a Linux container", file=sys.stderr)
+        return 2
     if args.trust_submissions:
         print("warning: --trust-submissions: the notebooks run without the operating-system sandbox; "
               "grade only work you trust", file=sys.stderr)

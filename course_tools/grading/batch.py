@@ -22,7 +22,6 @@ import csv
 import json
 import os
 import queue
-import resource
 import secrets
 import select
 import shutil
@@ -288,6 +287,8 @@ def write_tables(rows: list[dict], out: Path, wall_seconds: float, workers: int)
 
 def worker_main(args) -> int:
     """The ``_worker`` command: grade the submissions named on stdin, one JSON line each."""
+    import resource  # POSIX only, like the rest of the grading process
+
     limit = args.grader_memory_mb * 2**20
     hard = resource.getrlimit(resource.RLIMIT_AS)[1]
     if limit > 0:  # the grading process's own memory limit: a forged reply cannot take the machine

@@ -393,6 +393,12 @@ class RemoteAgent:
             return _error("TransferError", f"the reply could not be read as data: {err}"[:300])
         if not isinstance(reply, dict) or reply.get("ok") not in (True, False):
             return _error("TransferError", "the reply was not a reply")
+        # what the checks copy into the report: a few short strings and a number, whatever was sent
+        listed = {k: reply.get(k) if isinstance(reply.get(k), list) else [] for k in ("warnings", "mutated")}
+        reply["warnings"] = [str(w)[:200] for w in listed["warnings"][:5]]
+        reply["mutated"] = [str(m)[:100] for m in listed["mutated"][:20]]
+        seconds = reply.get("seconds", 0.0)
+        reply["seconds"] = float(seconds) if type(seconds) in (int, float) and 0 <= seconds < 1e9 else 0.0
         if not reply["ok"]:
             err = reply.get("error") if isinstance(reply.get("error"), dict) else {}
             reply["error"] = {k: str(err.get(k, ""))[:600] for k in ("type", "message", "where")}
