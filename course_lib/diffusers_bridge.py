@@ -375,8 +375,9 @@ def load_real_sd(model_id: str | Path = SD15_MODEL_ID, device: torch.device | st
     (SDPA), or ``None`` after printing why not.
 
     The checks, in order, each skipping cleanly with a message that says what to do:
-      1. a CUDA GPU (SD 1.5 is about 2 GB in float16 and takes minutes per image on a CPU); the tests
-         pass ``allow_cpu=True`` (with ``dtype=torch.float32``) to load a tiny saved pipeline on the CPU;
+      1. a CUDA GPU (SD 1.5 is about 2.7 GB in float16, safety checker included, and takes minutes per
+         image on a CPU); the tests pass ``allow_cpu=True`` (with ``dtype=torch.float32``) to load a tiny
+         saved pipeline on the CPU;
       2. the files, first from the local cache or a local folder (``local_files_only=True``), then,
          unless ``HF_HUB_OFFLINE`` is set, from the Hub after a quick connectivity check;
       3. a model id that exists (ids get withdrawn: stabilityai/stable-diffusion-2-1 was).
@@ -397,7 +398,7 @@ def load_real_sd(model_id: str | Path = SD15_MODEL_ID, device: torch.device | st
         pipe = None
         if _offline():
             _skip(model_id, "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. "
-                            "Unset HF_HUB_OFFLINE on a machine with internet access to download it (about 2 GB).")
+                            "Unset HF_HUB_OFFLINE on a machine with internet access to download it (about 2.7 GB).")
             return None
         if not hub_reachable(hub_timeout):
             _skip(model_id, f"it is not in the local cache and the Hub cannot be reached (no connection within "
