@@ -77,14 +77,31 @@ def installed_versions(names=COLAB_KEEPS) -> dict[str, str]:
     return found
 
 
+def installed_from(course_dir: str | os.PathLike) -> bool:
+    """True when the course's library is already installed (editable) from ``course_dir``."""
+    import json
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("latent-diffusion-course")
+    except metadata.PackageNotFoundError:
+        return False
+    url = json.loads(dist.read_text("direct_url.json") or "{}").get("url", "")
+    return url.rstrip("/") == Path(course_dir).resolve().as_uri()
+
+
 def install(course_dir: str | os.PathLike, quiet: bool = True) -> dict[str, str]:
     """Install the course's library from ``course_dir`` without moving any package of ``COLAB_KEEPS``.
 
     Every package of ``COLAB_KEEPS`` that is installed is pinned to its version with a pip constraints
     file, so pip can only add packages. Returns the pins. Raises RuntimeError, saying what to do, if pip
-    fails or (which the constraints rule out) a kept package changed anyway.
+    fails or (which the constraints rule out) a kept package changed anyway. A second run in the same
+    runtime (the cell run again) finds the course installed and only checks the widgets.
     """
     kept = installed_versions()
+    if installed_from(course_dir):
+        enable_widgets()
+        return kept
     with tempfile.NamedTemporaryFile("w", suffix="-colab-keeps.txt", delete=False) as f:
         f.write("".join(f"{name}=={version}\n" for name, version in kept.items()))
     cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-c", f.name, "-e", str(course_dir)]
@@ -103,7 +120,8 @@ def install(course_dir: str | os.PathLike, quiet: bool = True) -> dict[str, str]
     if moved:
         raise RuntimeError(f"packages Colab relies on changed: {moved}; use Runtime > Disconnect and delete runtime")
     importlib.invalidate_caches()  # packages installed just now become importable in this kernel
-    enable_widgets()
+    widgets = " (Colab's custom widget manager on, for ipywidgets 8)" if enable_widgets() else ""
+    print(f"The course is installed; {len(kept)} packages Colab relies on kept as they were{widgets}.")
     return kept
 
 

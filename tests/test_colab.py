@@ -125,3 +125,23 @@ def test_the_library_does_not_move_what_colab_pins():
             assert req.specifier.contains(COLAB_PINS[name], prereleases=True), f"{line} rejects Colab's {COLAB_PINS[name]}"
         if name in ("ipykernel", "ipython", "traitlets", "pyzmq"):
             pytest.fail(f"{line}: the library must not ask for the kernel's packages; they belong in the lab extra")
+
+
+def test_install_pins_every_package_colab_keeps(monkeypatch, tmp_path):
+    """The pip command the setup cell runs: the course, editable, under constraints = the kept versions."""
+    seen = {}
+
+    def fake_pip(cmd):
+        seen["cmd"], seen["pins"] = cmd, Path(cmd[cmd.index("-c") + 1]).read_text()
+        return 0
+
+    monkeypatch.setattr(colab_setup.subprocess, "call", fake_pip)
+    monkeypatch.setattr(colab_setup, "installed_from", lambda course_dir: False)
+    kept = colab_setup.install(tmp_path)
+    assert {"torch", "numpy", "ipykernel", "ipywidgets", "tornado", "jupyter-client"} <= set(kept)
+    assert seen["pins"].splitlines() == [f"{n}=={v}" for n, v in kept.items()]
+    assert seen["cmd"][1:4] == ["-m", "pip", "install"] and seen["cmd"][-2:] == ["-e", str(tmp_path)]
+    monkeypatch.setattr(colab_setup.subprocess, "call", lambda cmd: 1)
+    with pytest.raises(RuntimeError, match="Disconnect and delete runtime"):
+        colab_setup.install(tmp_path)
+    assert not colab_setup.installed_from(tmp_path)
