@@ -267,6 +267,15 @@ def _zip_with(name: str, data: bytes, compress: int) -> bytes:
     return buf.getvalue()
 
 
+def test_no_submission_can_take_another_ones_report(tmp_path):
+    from course_tools.grading.batch import submission_keys
+
+    (tmp_path / "a").mkdir()
+    paths = [tmp_path / "a" / "b.ipynb", tmp_path / "a__b.ipynb", tmp_path / "A__B.ipynb", tmp_path / "c.ipynb"]
+    keys = submission_keys(paths, tmp_path)
+    assert len({k.lower() for k in keys.values()}) == 4 and keys[tmp_path / "c.ipynb"] == "c"
+
+
 def test_replies_are_checked_and_copied_before_any_check_sees_them():
     from course_tools.agent import MAX_WIRE_BYTES, dumps, loads
 

@@ -19,6 +19,7 @@ batch:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import queue
@@ -59,6 +60,17 @@ def submission_key(path: Path, root: Path) -> str:
     return "__".join(rel.with_suffix("").parts)
 
 
+def submission_keys(paths: list[Path], root: Path) -> dict[Path, str]:
+    """`submission_key` of each path; where two would share a report (``a__b.ipynb`` and
+    ``a/b.ipynb``), both get a short hash of their path, so that no submission can take another's."""
+    keys = {p: submission_key(p, root) for p in paths}
+    counts: dict[str, int] = {}
+    for k in keys.values():
+        counts[k.lower()] = counts.get(k.lower(), 0) + 1
+    return {p: k if counts[k.lower()] == 1 else f"{k}__{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
+            for p, k in keys.items()}
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Write a report so that it is either the old file or the whole new one, never half of it."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
@@ -82,6 +94,7 @@ def grade_batch(path: Path, out: Path, options: Options, workers: int = 2, solut
     tree = isolation.build_kernel_tree(notebooks.ROOT, private / "kernel-tree", options.python)
     options = Options(**{**options.__dict__, "kernel_tree": str(tree)})
     root = path if path.is_dir() else path.parent
+    keys = submission_keys(subs, root)
     todo: queue.Queue = queue.Queue()
     for sub in subs:
         todo.put(sub)
@@ -96,7 +109,7 @@ def grade_batch(path: Path, out: Path, options: Options, workers: int = 2, solut
                     sub = todo.get_nowait()
                 except queue.Empty:
                     return
-                key = submission_key(sub, root)
+                key = keys[sub]
                 if worker is None:
                     worker = Worker(options, snapshot, private / f"worker-{n}-{secrets.token_hex(3)}", solutions)
                 row = worker.grade(sub, key)

@@ -64,7 +64,7 @@ class SandboxUnavailable(RuntimeError):
 class Limits:
     memory_mb: int = 4096  # address space of each process in the sandbox (RLIMIT_AS)
     file_mb: int = 256  # largest file the kernel may write (RLIMIT_FSIZE); also each tmpfs's size
-    processes: int = 64  # processes and threads of the kernel's own uid (RLIMIT_NPROC; root only)
+    processes: int = 64  # processes and threads of the kernel's uid (RLIMIT_NPROC)
     cpu_s: int = 900  # CPU seconds of one kernel (RLIMIT_CPU)
 
 
@@ -191,15 +191,18 @@ def command(tree: Path, python: str, info_fd: int, limits: Limits, env: dict[str
         argv.extend(["--ro-bind", p, p])
     size = str(max(16, limits.file_mb) * 2**20)
     argv += ["--ro-bind", str(tree), COURSE, "--proc", "/proc", "--dev", "/dev",
+             "--perms", "1777", "--size", str(64 * 2**20), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
              "--perms", "1777", "--size", size, "--tmpfs", "/tmp",
              "--perms", "1777", "--size", size, "--tmpfs", SCRATCH, "--chdir", SCRATCH]
     for k, v in env.items():
         argv.extend(["--setenv", k, v])
+    # RLIMIT_NPROC counts the processes of the kernel's uid: its own uid as root, or the uid of its user
+    # namespace otherwise (counted per namespace); either way only the sandbox's processes.
     argv += ["--", "prlimit", f"--as={limits.memory_mb * 2**20}", f"--fsize={limits.file_mb * 2**20}",
-             f"--cpu={limits.cpu_s}", "--core=0"]
+             f"--cpu={limits.cpu_s}", "--core=0", f"--nproc={limits.processes}"]
     if os.geteuid() == 0:
         uid = UID_BASE + secrets.randbelow(UID_SPAN)
-        argv += [f"--nproc={limits.processes}", "--", "setpriv", f"--reuid={uid}", f"--regid={uid}",
+        argv += ["--", "setpriv", f"--reuid={uid}", f"--regid={uid}",
                  "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
     argv += ["--", python, "-P", "-s", "-m", "course_tools.grading.sandbox"]
     return argv
