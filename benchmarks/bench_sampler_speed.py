@@ -27,37 +27,17 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusers import (  # noqa: E402
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-)
+from diffusers import HeunDiscreteScheduler  # noqa: E402
 
 from course_lib.device import get_device  # noqa: E402
-from course_lib.diffusers_bridge import diffusers_sampling_loop, sd_scheduler_config  # noqa: E402
+from course_lib.diffusers_bridge import diffusers_sampling_loop, scheduler_twin, sd_scheduler_config  # noqa: E402
 from course_lib.guidance import guided_model  # noqa: E402
 from course_lib.samplers import SAMPLERS, unet_model  # noqa: E402
-from course_lib.schedules import make_timesteps, sd_schedule  # noqa: E402
+from course_lib.schedules import sd_schedule  # noqa: E402
 
 SD_CONFIG = sd_scheduler_config()
 
-# sampler -> (diffusers scheduler, extra config, course timesteps for N steps, course kwargs)
-PAIRS = {
-    "ddpm": (DDPMScheduler, {}, lambda n: make_timesteps(n), {}),
-    "ddim": (DDIMScheduler, {}, lambda n: make_timesteps(n), {}),
-    "euler": (EulerDiscreteScheduler, {}, lambda n: make_timesteps(n, spacing="linspace", integer=False),
-              {"init_noise_sigma": "sigma_max"}),
-    "euler_ancestral": (EulerAncestralDiscreteScheduler, {},
-                        lambda n: make_timesteps(n, spacing="linspace", integer=False),
-                        {"init_noise_sigma": "sigma_max"}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2},
-                 lambda n: make_timesteps(n, spacing="linspace", count_final_step=True), {}),
-    "heun": (HeunDiscreteScheduler, {}, lambda n: make_timesteps(n, spacing="linspace", integer=False),
-             {"init_noise_sigma": "sigma_max"}),
-}
+PAIRS = {name: scheduler_twin(name) for name in SAMPLERS}  # sampler -> its diffusers twin
 
 
 class ConvDenoiser(nn.Module):
@@ -118,7 +98,7 @@ def diffusers_loop(scheduler_cls, config, num_steps, noise, model, texts, scale,
 
 
 def course_run(name, num_steps, noise, model, texts, scale, seed):
-    _, _, make_ts, kwargs = PAIRS[name]
+    make_ts, kwargs = PAIRS[name].timesteps, PAIRS[name].sampler_kwargs
     if texts is not None:
         model = guided_model(model, texts[0], texts[1], scale)
     generator = torch.Generator(noise.device).manual_seed(seed)
@@ -165,7 +145,7 @@ def run_table(kind, device, args) -> float:
     print(f"{'sampler':<16} {'course ms':>10} {'diffusers ms':>13} {'ratio':>7} {'max |diff|':>11}")
     worst = 0.0
     for name in args.samplers:
-        cls, extra, _, _ = PAIRS[name]
+        cls, extra = PAIRS[name].scheduler, PAIRS[name].config
         config = {**SD_CONFIG, **extra}
         run_ours = lambda: course_run(name, args.steps, noise, model, texts, scale, 0)  # noqa: E731
         run_theirs = lambda: diffusers_loop(cls, config, args.steps, noise, model, texts, scale, 0)  # noqa: E731

@@ -48,7 +48,7 @@ import torch
 
 from .guidance import guided_model
 from .samplers import SamplerName, sample, unet_model
-from .schedules import NoiseSchedule, scaled_linear_betas
+from .schedules import NoiseSchedule, make_timesteps, scaled_linear_betas
 
 # The SD 1.5 checkpoint that exists on the Hub today. The original runwayml repository was taken down,
 # and stabilityai/stable-diffusion-2-1 (the article's id) was withdrawn in late 2025.
@@ -64,6 +64,48 @@ def sd_scheduler_config(**changes) -> dict:
     """SD 1.x's scheduler settings with ``changes`` on top, as a new dict for ``Scheduler.from_config``,
     e.g. ``sd_scheduler_config(prediction_type="v_prediction", timestep_spacing="trailing")``."""
     return {**SD_SCHEDULER_CONFIG, **changes}
+
+@dataclass(frozen=True)
+class SchedulerTwin:
+    """The diffusers scheduler that computes what one course sampler computes, and how to set both alike.
+
+    With SD's config plus ``config``, ``scheduler.set_timesteps(N)`` visits ``timesteps(N)``, and the
+    course sampler called with those timesteps and ``sampler_kwargs`` gives the scheduler's latents
+    (tests/test_samplers_vs_diffusers.py, tests/test_real_unet_parity.py, benchmarks/bench_sampler_speed.py).
+    """
+
+    scheduler: type  # the diffusers scheduler class
+    config: dict  # changes to sd_scheduler_config()
+    timesteps: Any  # N -> the course's timesteps that match set_timesteps(N)
+    sampler_kwargs: dict  # what the course sampler needs besides
+
+
+def scheduler_twin(sampler: SamplerName) -> SchedulerTwin:
+    """The diffusers scheduler matching ``samplers.SAMPLERS[sampler]`` on SD's settings.
+
+    Euler-type schedulers default to "linspace" spacing when SD's config does not name one, with
+    fractional timesteps and a starting noise of sigma_max; DPM-Solver++'s last step goes to t = 0.
+    """
+    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                           EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler)
+
+    def euler_type(cls):
+        return SchedulerTwin(cls, {}, lambda n: make_timesteps(n, spacing="linspace", integer=False),
+                             {"init_noise_sigma": "sigma_max"})
+
+    twins = {
+        "ddpm": SchedulerTwin(DDPMScheduler, {}, make_timesteps, {}),
+        "ddim": SchedulerTwin(DDIMScheduler, {}, make_timesteps, {}),
+        "euler": euler_type(EulerDiscreteScheduler),
+        "euler_ancestral": euler_type(EulerAncestralDiscreteScheduler),
+        "heun": euler_type(HeunDiscreteScheduler),
+        "dpmpp_2m": SchedulerTwin(DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2},
+                                  lambda n: make_timesteps(n, spacing="linspace", count_final_step=True), {}),
+    }
+    if sampler not in twins:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(twins)}")
+    return twins[sampler]
+
 
 # SD 1.5's own scheduler is PNDMScheduler (its scheduler_config.json), in its PLMS form: skip_prk_steps=True.
 SD15_SCHEDULER_CONFIG = dict(SD_SCHEDULER_CONFIG, skip_prk_steps=True)

@@ -234,3 +234,17 @@ def test_diffusers_sampling_loop_is_the_pipelines_own_loop(pipe):
     ours = P.diffusers_sampling_loop(DDIMScheduler.from_config(P.sd_scheduler_config()), 4, noise,
                                      unet_model(pipe.unet), cond, uncond, guidance_scale=7.5)
     assert (ours - ref).abs().max().item() <= TOL
+
+
+def test_every_sampler_has_a_diffusers_twin_and_unknown_names_are_refused():
+    from course_lib.diffusers_bridge import scheduler_twin
+    from course_lib.samplers import SAMPLERS
+
+    for name in SAMPLERS:
+        twin = scheduler_twin(name)
+        scheduler = twin.scheduler.from_config(P.sd_scheduler_config(**twin.config))
+        scheduler.set_timesteps(7)
+        visited = scheduler.timesteps.double().unique_consecutive()  # Heun lists each inner timestep twice
+        assert torch.equal(visited, torch.as_tensor(twin.timesteps(7)).double())
+    with pytest.raises(ValueError, match="unknown sampler"):
+        scheduler_twin("plms")

@@ -8,17 +8,10 @@ from a tiny vocabulary written to a temporary folder), and runs with output_type
 
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-)
+from diffusers import DDIMScheduler
 
 from course_lib.guidance import guided_model
-from course_lib.diffusers_bridge import TinyPipelineConfig, build_tiny_pipeline, sd_scheduler_config
+from course_lib.diffusers_bridge import TinyPipelineConfig, build_tiny_pipeline, scheduler_twin, sd_scheduler_config
 from course_lib.samplers import SAMPLERS, unet_model
 from course_lib.schedules import NoiseSchedule, make_timesteps, rescale_zero_terminal_snr, scaled_linear_betas, sd_schedule
 
@@ -44,25 +37,14 @@ def embed(pipe, prompts):
 
 
 # case -> (course sampler, diffusers scheduler class, extra scheduler config, course timesteps for N steps,
-#          extra course kwargs)
-CASES = {
-    "ddpm": ("ddpm", DDPMScheduler, {}, lambda n: make_timesteps(n), {}),
-    "ddim": ("ddim", DDIMScheduler, {}, lambda n: make_timesteps(n), {}),
-    "ddim_eta1": ("ddim", DDIMScheduler, {}, lambda n: make_timesteps(n), {"eta": 1.0}),
-    # Euler-type schedulers default to "linspace" spacing when SD's config does not say
-    "euler": ("euler", EulerDiscreteScheduler, {}, lambda n: make_timesteps(n, spacing="linspace", integer=False),
-              {"init_noise_sigma": "sigma_max"}),
-    "euler_ancestral": ("euler_ancestral", EulerAncestralDiscreteScheduler, {},
-                        lambda n: make_timesteps(n, spacing="linspace", integer=False), {"init_noise_sigma": "sigma_max"}),
-    "dpmpp_2m": ("dpmpp_2m", DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2},
-                 lambda n: make_timesteps(n, spacing="linspace", count_final_step=True), {}),
-    "heun": ("heun", HeunDiscreteScheduler, {}, lambda n: make_timesteps(n, spacing="linspace", integer=False),
-             {"init_noise_sigma": "sigma_max"}),
-    # Lin et al. 2023's recipe: zero-terminal-SNR betas, v-prediction, trailing timesteps
-    "ddim_v_zsnr_trailing": ("ddim", DDIMScheduler, dict(prediction_type="v_prediction", timestep_spacing="trailing",
-                                                         rescale_betas_zero_snr=True),
-                             lambda n: make_timesteps(n, spacing="trailing"), {}),
-}
+#          extra course kwargs): each sampler with its diffusers twin, plus two variants
+CASES = {name: (name, tw.scheduler, tw.config, tw.timesteps, tw.sampler_kwargs)
+         for name, tw in ((name, scheduler_twin(name)) for name in SAMPLERS)}
+CASES["ddim_eta1"] = ("ddim", DDIMScheduler, {}, lambda n: make_timesteps(n), {"eta": 1.0})
+# Lin et al. 2023's recipe: zero-terminal-SNR betas, v-prediction, trailing timesteps
+CASES["ddim_v_zsnr_trailing"] = ("ddim", DDIMScheduler, dict(prediction_type="v_prediction", timestep_spacing="trailing",
+                                                             rescale_betas_zero_snr=True),
+                                 lambda n: make_timesteps(n, spacing="trailing"), {})
 ZSNR = NoiseSchedule.from_betas(rescale_zero_terminal_snr(scaled_linear_betas()))
 PROMPTS = ["a red circle", "a blue square"]
 
