@@ -38,6 +38,8 @@ from transformers import (
 # Text encoders (transformers configs)
 # --------------------------------------------------------------------------------------------
 
+# Each text encoder's config is written out in full, not derived from another: these are the published
+# configs, compared field by field with their model cards.
 # OpenAI CLIP ViT-L/14, text tower: SD 1.x's only text encoder, SDXL's first, SD 3's first.
 CLIP_VIT_L14 = dict(
     vocab_size=49408,  # CLIP's byte-pair vocabulary

@@ -230,6 +230,8 @@ class Denoiser:
         return noise * scale.item()
 
 
+# Each sampler below spells out the same signature on purpose (one signature for all, as in
+# k-diffusion), so that every function reads alone; only the update rules differ.
 # -----------------------------------------------------------------------------
 # DDPM
 

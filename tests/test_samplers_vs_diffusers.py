@@ -132,6 +132,7 @@ def _euler_args(spacing, num_steps):
     return make_timesteps(num_steps, spacing=spacing, integer=False), init
 
 
+# One test per sampler, alike in shape on purpose: a failure names the sampler and its scheduler.
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])  # linspace: Euler's default, so SD's
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)
 @pytest.mark.parametrize("num_steps", STEPS)

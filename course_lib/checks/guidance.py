@@ -80,6 +80,7 @@ def _sim(run: Run, learner, k: int, dim: int = 100, strength: float = 1.0):
     return sim, data
 
 
+# Each check is written out whole, alike in shape on purpose: a check reads as one test of one behaviour.
 @CFG_SIMULATOR.check("the features: unconditional ~ N(0, 1), conditional = unconditional + signal, seeded",
                      hint="Use np.random.default_rng(seed) for both the unconditional features and the signal "
                           "direction; the signal is signal_strength times a random normal vector.")
