@@ -135,8 +135,9 @@ def cuda_problem(py: Path) -> str | None:
         return (f"this machine has an NVIDIA GPU, but .venv holds a CPU-only torch ({version}), and setup never\n"
                 "replaces an installed torch. Replace it with a CUDA build, then run this command again:\n"
                 "    .venv/bin/python -m pip uninstall -y torch\n"
-                '    COURSE_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130" python3 course.py gpu\n'
-                "(choose the CUDA version that your driver supports: nvidia-smi shows it; pytorch.org lists the builds)")
+                '    COURSE_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130" \\\n'
+                "        python3 course.py gpu\n"
+                "(choose the CUDA version your driver supports: nvidia-smi shows it; pytorch.org lists the builds)")
     return f"CUDA is not available on this machine (torch {version}: no NVIDIA GPU or driver found)"
 
 

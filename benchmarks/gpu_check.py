@@ -116,7 +116,8 @@ def plan(device: str, out: Path) -> list[Step]:
                 f"{py} {bench / 'bench_sampler_speed.py'} --device {device} --steps 5 --repeats 2",
                 f"{py} {bench / 'bench_sampler_adherence.py'} --quick --device {device} --out {art / 'adherence'}",
                 f"{py} {bench / 'bench_tiny_sd.py'} --n 32 --scales 1,3 --device {device} --assets {art / 'tiny_sd'}",
-                f"{py} {bench / 'bench_controlnet.py'} --n 32 --n-sweep 16 --device {device} --assets {art / 'controlnet'}",
+                f"{py} {bench / 'bench_controlnet.py'} --n 32 --n-sweep 16 --device {device} "
+                f"--assets {art / 'controlnet'}",
             ])]),
         Step("real_sd15", "real SD 1.5 from the Hub (fp16, about 2.7 GB), one image", 60,
              python_snippet(REAL_SD) + [device, str(out / "sd15.png")]),
@@ -190,12 +191,14 @@ def main(argv: list | None = None) -> int:
               "dry_run": dry, "why_dry": why if dry else "", "seconds": round(total, 1), "budget_s": BUDGET_S,
               "steps": [asdict(s) for s in steps]}
     (args.out / "check.json").write_text(json.dumps(report, indent=2) + "\n")
-    rows = [f"| {s.name} | {s.what} | {s.status} | {s.seconds:.1f} | {s.limit_s} | {s.detail.replace('|', '/')} |" for s in steps]
+    rows = [f"| {s.name} | {s.what} | {s.status} | {s.seconds:.1f} | {s.limit_s} | {s.detail.replace('|', '/')} |"
+            for s in steps]
     (args.out / "check.md").write_text(
         f"# GPU check, {report['date']}\n\n"
         f"{'Dry run: ' + why if dry else 'Device: ' + device}. Total {total:.0f} s of a {BUDGET_S} s budget.\n\n"
         "| step | what | status | seconds | limit | last lines / why |\n| --- | --- | --- | ---: | ---: | --- |\n"
-        + "\n".join(rows) + "\n\nCommands:\n\n" + "\n".join(f"- {s.name}: `{' '.join(map(str, s.command))[:400]}`" for s in steps) + "\n")
+        + "\n".join(rows) + "\n\nCommands:\n\n"
+        + "\n".join(f"- {s.name}: `{' '.join(map(str, s.command))[:400]}`" for s in steps) + "\n")
     print(f"total {total:.1f} s; report: {args.out / 'check.md'}")
     return 1 if any(s.status in ("failed", "timeout") for s in steps) else 0
 

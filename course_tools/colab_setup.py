@@ -150,7 +150,8 @@ def repository_url(root: Path = ROOT) -> str:
     text = (root / "pyproject.toml").read_text()
     m = re.search(r'^urls\s*=\s*\{\s*Repository\s*=\s*"([^"]+)"', text, re.MULTILINE)
     if not m:
-        raise ValueError("pyproject.toml needs a line  urls = { Repository = \"https://github.com/OWNER/NAME\" }  in [project]")
+        raise ValueError('pyproject.toml needs, in [project], the line  '
+                         'urls = { Repository = "https://github.com/OWNER/NAME" }')
     return m.group(1).rstrip("/")
 
 
@@ -161,14 +162,16 @@ def setup_cell(repo: str | None = None) -> str:
 
 def is_setup_cell(source: str) -> bool:
     """True for the course's setup cell, whatever repository it names (the grader skips it)."""
-    return setup_cell("\0") == re.sub(r'^COURSE_REPO = "[^"]*"', 'COURSE_REPO = "\0"', source.strip(), flags=re.MULTILINE)
+    any_repo = re.sub(r'^COURSE_REPO = "[^"]*"', 'COURSE_REPO = "\0"', source.strip(), flags=re.MULTILINE)
+    return any_repo == setup_cell("\0")
 
 
 def github_path(repo: str) -> str:
     """"OWNER/NAME" of a GitHub address, for Colab's badges (colab.research.google.com/github/OWNER/NAME/...)."""
     m = re.fullmatch(r"https://github\.com/([^/\s]+/[^/\s]+?)(?:\.git)?", repo)
     if not m:
-        raise ValueError(f"{repo!r}: Colab opens notebooks from GitHub; give an address like https://github.com/OWNER/NAME")
+        raise ValueError(f"{repo!r}: Colab opens notebooks from GitHub; "
+                         "give an address like https://github.com/OWNER/NAME")
     return m.group(1)
 
 

@@ -145,7 +145,8 @@ def test_colab_like_environment(tmp_path, monkeypatch):
     report.parent.mkdir(exist_ok=True)
     report.write_text(
         "# Colab-like environment: the setup cell moved nothing\n\n"
-        f"Python {sys.version.split()[0]}; built in {built - started:.0f} s, setup cell {installed - built:.0f} s, "
+        f"Python {sys.version.split()[0]}; environment ready in {built - started:.0f} s (built once, then copied), "
+        f"setup cell {installed - built:.0f} s, "
         f"lesson 0 + exercises 0 (solution and student version) {done - installed:.0f} s.\n\n"
         f"Unchanged, of the packages Colab keeps ({len(checked)}): "
         + ", ".join(f"{n} {v}" for n, v in checked.items())
