@@ -71,13 +71,16 @@ class ProtocolError(Exception):
 
 
 class _Drain(threading.Thread):
-    """Reads a pipe from the kernel until it closes: counts every byte, keeps the last ``keep``
-    bytes (stdout and stderr) or the first lines (the hook's events), never more."""
+    """Reads a pipe from the kernel until it closes: counts every byte, and keeps either the last
+    ``keep`` bytes (stdout and stderr) or, for the hook's reports (``lines``), the first ``lines``
+    distinct lines and the kinds of all of them: however many lines come first, a later kind of
+    refusal is never lost. Never holds more than that."""
 
     def __init__(self, fd: int, keep: int = 0, lines: int = 0):
         super().__init__(daemon=True)
         self.fd, self.keep, self.max_lines = fd, keep, lines
         self.count, self.tail, self.lines, self.partial = 0, b"", [], b""
+        self.kinds: dict[str, int] = {}  # kind of report (its text before a tab, cut short) -> lines seen
         self.closed = threading.Event()
 
     def run(self) -> None:
@@ -89,11 +92,17 @@ class _Drain(threading.Thread):
                 self.count += len(chunk)
                 if self.keep:
                     self.tail = (self.tail + chunk)[-self.keep:]
-                if self.max_lines and len(self.lines) < self.max_lines:
+                if self.max_lines:
                     self.partial += chunk
                     *done, self.partial = self.partial.split(b"\n")
-                    self.lines += [d.decode("utf-8", "replace")[:2000] for d in done][: self.max_lines - len(self.lines)]
                     self.partial = self.partial[-4000:]
+                    for raw in done:
+                        line = raw.decode("utf-8", "replace")[:2000]
+                        kind = line.partition("\t")[0][:40]
+                        if kind in self.kinds or len(self.kinds) < 64:
+                            self.kinds[kind] = self.kinds.get(kind, 0) + 1
+                        if len(self.lines) < self.max_lines and line not in self.lines:
+                            self.lines.append(line)
         except OSError:
             pass
         finally:
@@ -114,6 +123,7 @@ class Kernel:
     seq: int = 0
     events: list = field(default_factory=list)  # what the grader saw from outside the sandbox
     hook_lines: list = field(default_factory=list)  # the refusals the kernel's hook reported, as read
+    hook_kinds: dict = field(default_factory=dict)  # how many of each kind, all of them
     max_rss_mb: int = 0  # the largest resident size of a process of the kernel (from wait4)
     cpu_s: float = 0.0  # CPU seconds of all its kernels
     last_code: int | None = None  # exit code of the last kernel
@@ -348,7 +358,10 @@ class Kernel:
         self.out.join(5)
         self.hook.join(5)
         self.output_bytes += self.out.count
-        self.hook_lines += self.hook.lines
+        self.hook_lines += [line for line in self.hook.lines if line not in self.hook_lines][:200]
+        for kind, n in self.hook.kinds.items():
+            if kind in self.hook_kinds or len(self.hook_kinds) < 64:
+                self.hook_kinds[kind] = self.hook_kinds.get(kind, 0) + n
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
         self.proc = None
@@ -444,6 +457,9 @@ def grade_submission(path: Path, source: Path | None, options: Options) -> dict:
                                                          "(by metadata course.source or by file name)")
     src_nb = nbformat.read(source, as_version=4)
     result["grader"]["source_sha256"] = notebooks.sha256(source.read_bytes())
+    if raw is not None and result["grader"]["source_sha256"] == result["grader"]["submission_sha256"]:
+        result["integrity"].append({"kind": "copy_of_solution", "cell_id": None,
+                                    "detail": "the file is byte for byte the solution notebook (a copy or a hard link)"})
     order = [notebooks.exercise_of(c) for c in src_nb.cells if notebooks.is_checker(c)]
     try:
         if problem:
@@ -480,7 +496,7 @@ def grade_submission(path: Path, source: Path | None, options: Options) -> dict:
         result["output_bytes"] = kernel.output_bytes
         result["grader"].update({"kernel_starts": kernel.starts, "kernel_max_rss_mb": kernel.max_rss_mb,
                                  "kernel_cpu_seconds": round(kernel.cpu_s, 2)})
-        result["integrity"] += _hook_events(kernel.hook_lines) + [
+        result["integrity"] += _hook_events(kernel.hook_lines, kernel.hook_kinds) + [
             {**e, "cell_id": None} for e in kernel.events if e["kind"] in OUTSIDE_FLAGS]
         result["events"] += [e for e in kernel.events if e["kind"] not in OUTSIDE_FLAGS]
         if own_tree is not None:
@@ -579,8 +595,9 @@ def _suspicious_source(nb) -> list[dict]:
     return found
 
 
-def _hook_events(lines: list[str]) -> list[dict]:
-    """The refusals the kernel's hook reported on its pipe, one flag per distinct refusal."""
+def _hook_events(lines: list[str], kinds: dict[str, int]) -> list[dict]:
+    """The refusals the kernel's hook reported on its pipe: one flag per distinct refusal among the
+    first ones kept, and one for each kind of refusal reported only later."""
     events, seen = [], set()
     for line in lines[:200]:
         kind, _, detail = line.partition("\t")
@@ -588,6 +605,12 @@ def _hook_events(lines: list[str]) -> list[dict]:
         if (kind, detail) not in seen:
             seen.add((kind, detail))
             events.append({"kind": kind, "cell_id": None, "detail": f"refused: {detail}"[:300]})
+    for kind, n in kinds.items():
+        kind = kind if kind in HOOK_KINDS else "unreadable_report"
+        if kind not in {k for k, _ in seen}:
+            seen.add((kind, ""))
+            events.append({"kind": kind, "cell_id": None, "detail": f"refused {n} time(s); the details came "
+                                                                      "after the first 200 reports"})
     return events
 
 

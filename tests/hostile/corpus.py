@@ -16,6 +16,7 @@ that reads the solutions executes what it read, so a leak would turn a 0 into fu
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,8 +101,8 @@ def expected() -> dict[str, Expect]:
                                        why="writes its own sandbox.py, sitecustomize.py and IPython startup file into "
                                            "the scratch folder, then crashes: the restarted kernel must not run them"),
         "truncates_log": Expect("graded", total, {"forbidden_read", "evidence_channel_closed"},
-                                why="raises a refusal, then truncates and closes the descriptor its sandbox "
-                                    "reports on"),
+                                why="floods the pipe its sandbox reports on with 2000 fake reports, raises a "
+                                    "refusal, then truncates every descriptor and closes that pipe"),
         "forged_stride0": Expect("graded", 0, {"invalid_reply"},
                                  why="answers the checks with a 1.6 kB stride-0 tensor of 6e9 elements"),
         "forged_devzero": Expect("kernel_died", 0, {"protocol_violation"},
@@ -115,6 +116,8 @@ def expected() -> dict[str, Expect]:
                                  why="the solved 01_vae_exercises saved under this notebook's file name"),
         "symlink_to_solution": Expect("invalid", 0, {"submission_is_symlink"},
                                       why="a symbolic link to solutions/00_recap_exercises.ipynb"),
+        "copy_of_solution": Expect("graded", total, {"copy_of_solution"},
+                                   why="solutions/00_recap_exercises.ipynb byte for byte (a copy; a hard link reads the same)"),
         "zz_solved_last": Expect("graded", total, why="graded after every attack in the batch: still full marks"),
         "zz_unsolved_last": Expect("graded", 0, why="graded after every attack in the batch: still 0"),
     }
@@ -336,6 +339,8 @@ except OSError as err:
     paths["not_a_notebook"].write_text("{ this is not json")
     paths["symlink_to_solution"] = out / f"symlink_to_solution_{NAME}.ipynb"
     paths["symlink_to_solution"].symlink_to(ROOT / "solutions" / f"{NAME}.ipynb")
+    paths["copy_of_solution"] = out / f"copy_of_solution_{NAME}.ipynb"
+    shutil.copyfile(ROOT / "solutions" / f"{NAME}.ipynb", paths["copy_of_solution"])
     assert set(paths) == set(EXPECTED), set(paths) ^ set(EXPECTED)
     return paths
 
@@ -537,6 +542,9 @@ os._exit(1)  # crash: the grader starts a replacement kernel''', "hostile-restar
     nb = _mix(all_solved)
     _insert_after(nb, "setup", prelude + '''
 import os
+fds = [int(x) for x in os.environ.get("COURSE_SANDBOX_FDS", "").split(",") if x]
+for i in range(2000):  # bury what comes next under a flood of reports of its own
+    os.write(fds[2], f"network\\tnothing to see {i}\\n".encode())
 try:
     open("/course/solutions/" + TARGETS["name"] + ".ipynb").read()  # refused, and reported
 except Exception as err:
@@ -550,9 +558,7 @@ for fd in range(3, 64):  # every descriptor that is not ours: truncate it, then 
         os.ftruncate(fd, 0)
     except OSError:
         pass
-fds = [int(x) for x in os.environ.get("COURSE_SANDBOX_FDS", "").split(",") if x]
-if len(fds) == 3:
-    os.close(fds[2])  # the events pipe
+os.close(fds[2])  # the events pipe
 ''', "hostile-log")
     nbs["truncates_log"] = nb
 
