@@ -153,7 +153,7 @@ class Worker:
         work.mkdir(parents=True)
         env = {**os.environ, "PYTHONPATH": str(snapshot), "PYTHONDONTWRITEBYTECODE": "1",
                "COURSE_ROOT": str(notebooks.ROOT)}
-        cmd = [options.python, "-P", "-m", "course_tools.grading", "_worker", "--solutions", str(solutions),
+        cmd = [options.python, "-m", "course_tools.grading", "_worker", "--solutions", str(solutions),
                "--seed", str(options.seed), "--timeout", str(options.timeout), "--cell-timeout",
                str(options.cell_timeout), "--memory-mb", str(options.memory_mb), "--file-mb", str(options.file_mb),
                "--grader-memory-mb", str(options.grader_memory_mb), "--kernel-tree", str(options.kernel_tree)]

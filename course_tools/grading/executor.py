@@ -155,7 +155,7 @@ class Kernel:
                         sandbox.ENV_MPL_CACHE: str(tree / "mpl"), sandbox.ENV_WRITABLE: str(self.scratch),
                         sandbox.ENV_DENY: os.pathsep.join(self.deny_list(str(tree)) + self.deny_list(str(notebooks.ROOT))),
                         sandbox.ENV_MEMORY_MB: str(limits.memory_mb), sandbox.ENV_FILE_MB: str(limits.file_mb)})
-            argv = [self.options.python, "-P", "-s", "-m", "course_tools.grading.sandbox"]
+            argv = [self.options.python, "-s", str(tree / isolation.ENTRY_POINT)]
             cwd = self.scratch
         else:
             self.scratch = None

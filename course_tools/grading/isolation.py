@@ -2,8 +2,8 @@
 
 Each kernel is started as
 
-    bwrap [namespaces, mounts] -- prlimit [limits] -- setpriv [a fresh unprivileged uid] -- python -P -m
-        course_tools.grading.sandbox
+    bwrap [namespaces, mounts] -- prlimit [limits] -- setpriv [a fresh unprivileged uid] -- python -s
+        /course/course_tools/grading/sandbox.py
 
 so that, whatever the submission's code does (native code through ``ctypes``, ``fork_exec``,
 ``setsid``, file descriptors), the operating system holds it to:
@@ -42,6 +42,9 @@ UID_BASE = 1_000_000  # kernels started by root run as UID_BASE + a random numbe
 UID_SPAN = 1_000_000
 # What the kernel tree holds of the course: the lesson library (without its checks), the agent, and
 # the kernel's entry point. ``course_tools/grading/__init__.py`` imports nothing.
+# The kernel's entry point, run as a script: Python puts the script's (read-only) folder first on
+# sys.path, never the working directory, whose files the submission writes (``-m`` would put it there).
+ENTRY_POINT = "course_tools/grading/sandbox.py"
 TREE_FILES = ("course_tools/__init__.py", "course_tools/agent.py", "course_tools/grading/__init__.py",
               "course_tools/grading/sandbox.py")
 
@@ -204,7 +207,7 @@ def command(tree: Path, python: str, info_fd: int, limits: Limits, env: dict[str
         uid = UID_BASE + secrets.randbelow(UID_SPAN)
         argv += ["--", "setpriv", f"--reuid={uid}", f"--regid={uid}",
                  "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
-    argv += ["--", python, "-P", "-s", "-m", "course_tools.grading.sandbox"]
+    argv += ["--", python, "-s", f"{COURSE}/{ENTRY_POINT}"]
     return argv
 
 

@@ -2,7 +2,8 @@
 
 The grader starts it in an operating-system sandbox (``isolation.py``: Bubblewrap, its own PID
 namespace, no network, an unprivileged uid, read-only course files, kernel-enforced limits) as
-``python -P -s -m course_tools.grading.sandbox``, with three pipes it created and passed in (their
+``python -s /course/course_tools/grading/sandbox.py`` (a script: its read-only folder, not the
+working directory, is first on sys.path), with three pipes it created and passed in (their
 numbers in ``COURSE_SANDBOX_FDS``): requests in, replies out, and events out. The runner:
 
 1. sets resource limits itself only when there is no sandbox (``--trust-submissions``); in the
