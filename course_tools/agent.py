@@ -6,8 +6,9 @@ describe an object, call and backpropagate); the agent serves it against the lea
 and answers with data only: numbers, strings, tensors, numpy arrays, lists, tuples and dicts of
 them, or a handle for any other object, which later requests can name as a `Ref`.
 
-Requests and answers always make a round trip through bytes (`dumps`/`loads`, read back with
-``torch.load(weights_only=True)``, which runs no code), so:
+Requests and answers always make a round trip through bytes (`dumps`/`loads`: read back with
+``torch.load(weights_only=True)``, which runs no code, and rebuilt from checked tensors within a
+budget, since the bytes may be forged), so:
 - the learner's code works on copies and cannot change the checks' reference values;
 - the same checks work whether the learner's objects are in this process (`LocalAgent`, used by a
   notebook's checker cell) or in another one (the grader's sandboxed kernel,

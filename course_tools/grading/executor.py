@@ -2,21 +2,26 @@
 
 The order of events for one notebook:
 
-1. Read the submission (never written), find its source in solutions/, and make a scratch copy
-   with the source's check cells put back by cell id (``notebooks.restore_checker_cells``).
-2. Start a kernel in the sandbox (``sandbox.py``) with the scratch folder as its working directory.
+1. Read the submission (never written, never through a symbolic link), find its source in
+   solutions/, and make the grader's copy with the source's check cells put back by cell id
+   (``notebooks.restore_checker_cells``).
+2. Start a kernel in its operating-system sandbox (``isolation.py`` outside, ``sandbox.py`` inside),
+   driven over pipes this process created.
 3. Run the cells in order. A learner cell runs in the kernel with a time limit; its errors are
    recorded and the run goes on. At each check cell, the grader runs that exercise's checks here,
    in its own process, against the kernel's state at that point (so a name reused later in the
    notebook does not change what was graded). The checks reach the learner's objects only through
-   `RemoteAgent`, which sends requests as files and gets data back.
-4. If a cell or a check times out, dies, or runs out of memory, the kernel is replaced: a fresh one
+   `RemoteAgent`, which sends requests over the pipe and gets back data, size-capped and rebuilt
+   (``course_tools.agent.loads``) before any check looks at it.
+4. If a cell or a check times out, dies, runs out of memory or breaks the protocol, the kernel is
+   replaced: the same sandbox from the same read-only kernel tree, fresh scratch folders; it
    replays the cells that had run without error, skips the culprit, and the run goes on. The
    submission's status records the first such event; the notebook's own time limit still holds.
+5. The kernel is ended with everything it started; what the grader saw from outside (processes left
+   running, protocol violations, resource use) and the refusals its hook reported become flags.
 
 The result is a plain dict (see `grade_submission`), written as JSON by ``batch.py``.
 """
-
 from __future__ import annotations
 
 import errno
