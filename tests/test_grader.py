@@ -172,6 +172,30 @@ def test_one_notebook_can_be_graded_on_its_own_and_without_a_sandbox_only_when_a
     assert row["grader"]["sandbox"].startswith("none")
 
 
+def test_the_user_namespace_sandbox_grades_like_the_root_one(tmp_path):
+    """How an instructor who is not root runs it: the kernel's uid is 65534 in a user namespace."""
+    try:
+        isolation.check_available()
+    except isolation.SandboxUnavailable as err:
+        pytest.skip(str(err))
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    nb = nbformat.read(ROOT / "solutions" / f"{NAME}.ipynb", as_version=4)
+    first = exercises()[0]
+    probe = nbformat.v4.new_code_cell("import os\nassert os.getuid() == 65534 and os.getpid() == 1, (os.getuid(), "
+                                      "os.getpid())\nassert not os.path.exists('/course/solutions')")
+    probe.id = "probe"
+    nb.cells.insert([c.id for c in nb.cells].index(first["solution"]), probe)
+    nbformat.write(nb, sub / f"alice_{NAME}.ipynb")
+    out = tmp_path / "out"
+    proc = subprocess.run(GRADE + [str(sub), "--out", str(out), "--seed", "4"], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, isolation.ENV_USERNS: "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads((out / f"alice_{NAME}.json").read_text())
+    total = sum(e["points"] for e in exercises())
+    assert (row["status"], row["score"], row["cell_errors"]) == ("graded", total, []), row["cell_errors"]
+
+
 @pytest.mark.parametrize("args", [["does/not/exist"], ["{empty}"], ["{empty}", "--workers", "0"], ["--bogus"]])
 def test_usage_errors_exit_2(tmp_path, args):
     from course_tools.grading.__main__ import main

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ENV_BWRAP = "COURSE_BWRAP"  # path of bwrap to use; set to "" (or a missing path) to test the refusal
+ENV_USERNS = "COURSE_SANDBOX_USERNS"  # "1": the user-namespace sandbox even as root (how a non-root instructor runs)
 COURSE = "/course"  # where the kernel tree is mounted inside the sandbox
 SCRATCH = "/scratch"  # the kernel's working directory inside the sandbox
 UID_BASE = 1_000_000  # kernels started by root run as UID_BASE + a random number below UID_SPAN
@@ -97,7 +98,7 @@ def _probe() -> str | None:
     if bwrap is None:
         return "Bubblewrap (bwrap) is not installed" + (f" ({ENV_BWRAP}={os.environ[ENV_BWRAP]!r})"
                                                          if ENV_BWRAP in os.environ else "")
-    if os.geteuid() == 0 and not shutil.which("setpriv"):
+    if _as_root() and not shutil.which("setpriv"):
         return "setpriv (util-linux) is missing: it drops the kernel to an unprivileged uid"
     argv = [bwrap, *_namespaces(), "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--", "true"]
     try:
@@ -109,10 +110,15 @@ def _probe() -> str | None:
     return None
 
 
+def _as_root() -> bool:
+    """Whether kernels get a uid of their own (root), rather than a user namespace (anyone else)."""
+    return os.geteuid() == 0 and os.environ.get(ENV_USERNS) != "1"
+
+
 def _namespaces() -> list[str]:
     common = ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
               "--die-with-parent", "--new-session", "--as-pid-1"]
-    if os.geteuid() == 0:
+    if _as_root():
         return common  # setpriv then drops to a uid of the kernel's own
     return ["--unshare-user", "--uid", "65534", "--gid", "65534", *common]
 
@@ -203,7 +209,7 @@ def command(tree: Path, python: str, info_fd: int, limits: Limits, env: dict[str
     # namespace otherwise (counted per namespace); either way only the sandbox's processes.
     argv += ["--", "prlimit", f"--as={limits.memory_mb * 2**20}", f"--fsize={limits.file_mb * 2**20}",
              f"--cpu={limits.cpu_s}", "--core=0", f"--nproc={limits.processes}"]
-    if os.geteuid() == 0:
+    if _as_root():
         uid = UID_BASE + secrets.randbelow(UID_SPAN)
         argv += ["--", "setpriv", f"--reuid={uid}", f"--regid={uid}",
                  "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
