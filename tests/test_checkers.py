@@ -336,6 +336,65 @@ def test_the_articles_own_solution_fails_where_it_is_wrong():
     assert recap.zero_crossing(recap.linear_alpha_bars(1000)) == 259  # the article's "around t = 250"
 
 
+def _training_step_with(target: str = "eps", drop_what: str = "captions"):
+    """A learner's training step written out by hand, right or with one of the usual mistakes."""
+
+    def training_step(unet, z0, context, uncond_context, alpha_bar, generator, p_uncond):
+        b = z0.shape[0]
+        t = torch.randint(0, len(alpha_bar), (b,), generator=generator)
+        eps = torch.randn(z0.shape, generator=generator)
+        drop = torch.rand(b, generator=generator) < p_uncond
+        if drop_what == "captions":
+            context = torch.where(drop[:, None, None], uncond_context, context)
+        else:  # the mask applied to the latents
+            z0 = z0 * (~drop).float()[:, None, None, None]
+        ab = alpha_bar[t][:, None, None, None]
+        z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
+        return torch.nn.functional.mse_loss(unet(z_t, t, context), eps if target == "eps" else z0)
+
+    return training_step
+
+
+def test_the_training_step_check_names_the_usual_mistakes():
+    ex = EXERCISES["diffusion_training_step"]
+    assert ex.run(LocalAgent({"training_step": _training_step_with()})).passed
+    x0 = ex.run(LocalAgent({"training_step": _training_step_with(target="x0")}))
+    assert x0.score == 3  # only the two checks that do not compare the loss's value pass
+    assert "predicts the noise" in next(c for c in x0.checks if not c.passed).hint
+    latents = ex.run(LocalAgent({"training_step": _training_step_with(drop_what="latents")}))
+    failed = [c for c in latents.checks if not c.passed]
+    assert [c.name.split(" ")[0] for c in failed] == ["with", "Verify:"]  # p_uncond = 0 is right, dropout is not
+    assert all("drops latents, not captions" in c.hint for c in failed)
+
+
+def test_the_training_step_reference_equals_diffusers_add_noise():
+    """The check's reference noises latents as DDPMScheduler.add_noise (SD's betas) and course_lib.schedules do."""
+    from diffusers import DDPMScheduler
+
+    from course_lib.checks.training import training_step
+    from course_lib.schedules import add_noise, sd_schedule
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    g = torch.Generator().manual_seed(0)
+    z0, context, uncond = torch.randn(5, 4, 8, 8, generator=g), torch.randn(5, 3, 8, generator=g), torch.zeros(1, 3, 8)
+    seen = {}
+
+    def unet(z_t, t, ctx):
+        seen.update(z_t=z_t, t=t, ctx=ctx)
+        return torch.zeros_like(z_t)
+
+    loss = training_step(unet, z0, context, uncond, scheduler.alphas_cumprod, torch.Generator().manual_seed(3), 0.5)
+    replay = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 1000, (5,), generator=replay)
+    eps = torch.randn(z0.shape, generator=replay)
+    drop = torch.rand(5, generator=replay) < 0.5
+    torch.testing.assert_close(seen["z_t"], scheduler.add_noise(z0, eps, t), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(seen["z_t"], add_noise(z0, eps, t, sd_schedule()), rtol=1e-5, atol=1e-6)
+    assert torch.equal(seen["t"], t)
+    assert torch.equal(seen["ctx"].abs().sum((1, 2)) == 0, drop)  # dropped rows read the (zero) empty prompt
+    torch.testing.assert_close(loss, (eps**2).mean())  # a zero prediction costs the noise's mean square
+
+
 # ----------------------------------------------------------------------------------------------
 # The references equal the libraries
 # ----------------------------------------------------------------------------------------------

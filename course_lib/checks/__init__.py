@@ -23,6 +23,7 @@ against a sandboxed kernel, for the graded exercises only (`EXERCISES`). The fra
 | samplers | ddim_step_estimator, euler_step (05_samplers_exercises) | timestep_spacing (05_ddim_and_samplers) |
 | controlnet | zero_convolution (06_controlnet_exercises) | combine_controls (06_controlnet) |
 | pipeline | guided_denoising_step (07_pipeline_exercises) | pipeline_shapes (07_complete_pipeline) |
+| training | diffusion_training_step (07_pipeline_exercises) | |
 | lineage | parameter_count (08_lineage_exercises) | lineage_numbers (08_sd_lineage) |
 """
 
@@ -32,7 +33,7 @@ from typing import Any
 
 from course_tools.checking import Exercise, run_in_notebook
 from course_lib.checks import (attention, clip, controlnet, guidance, lineage, pipeline, recap, samplers,
-                               vae)
+                               training, vae)
 
 # Two registries of the same shape on purpose: the grader must see only EXERCISES.
 # The graded exercises, in the order of their notebooks: the grader scores these and only these.
@@ -52,6 +53,7 @@ EXERCISES: dict[str, Exercise] = {
         samplers.EULER,
         controlnet.ZERO_CONV,
         pipeline.GUIDED_STEP,
+        training.TRAINING_STEP,
         lineage.PARAMETER_COUNT,
     )
 }
