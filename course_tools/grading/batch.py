@@ -79,13 +79,182 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def grade_batch(path: Path, out: Path, options: Options, workers: int = 2, solutions: Path = notebooks.SOLUTIONS,
-                progress: bool = True) -> list[dict]:
-    if not options.trust_submissions:
-        isolation.check_available()  # raises SandboxUnavailable with the instructor's options
+# ----------------------------------------------------------------------------------------------
+# The batch's journal: nothing lost, nothing twice
+# ----------------------------------------------------------------------------------------------
+FINGERPRINTED = ("course_lib/checks", "course_tools/checking.py", "course_tools/agent.py",
+                 "course_tools/grading/executor.py", "course_tools/grading/notebooks.py")
+RESULT_OPTIONS = ("seed", "timeout", "cell_timeout", "memory_mb", "file_mb", "trust_submissions")
+
+
+def course_fingerprint(solutions: Path = notebooks.SOLUTIONS, root: Path = notebooks.ROOT) -> str:
+    """SHA-256 of what decides a grade besides the submission: the solution notebooks, the checks and
+    the grading code. Two machines grade alike exactly when their fingerprints agree."""
+    h = hashlib.sha256()
+    files = sorted(Path(solutions).glob("*.ipynb"))
+    for rel in FINGERPRINTED:
+        p = root / rel
+        files += sorted(p.rglob("*.py")) if p.is_dir() else [p]
+    for f in files:
+        h.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def batch_version(fingerprint: str, options: Options) -> str:
+    """The version a report is stamped with: the course's fingerprint and the options that change a
+    result (seed, limits, sandbox). A report of another version is graded again."""
+    chosen = {k: getattr(options, k) for k in RESULT_OPTIONS}
+    return hashlib.sha256((fingerprint + json.dumps(chosen, sort_keys=True)).encode()).hexdigest()[:16]
+
+
+def submission_digest(path: Path) -> tuple[str, bytes | None, str | None]:
+    """(SHA-256, bytes, problem) of a submission as the grader reads it (never through a link)."""
+    from course_tools.grading.executor import read_submission
+
+    raw, problem = read_submission(path)
+    return hashlib.sha256(raw if raw is not None else f"unreadable: {problem}".encode()).hexdigest(), raw, problem
+
+
+class Journal:
+    """The output folder as the batch's journal. A submission is done when ``OUT/<key>.json`` exists,
+    parses and carries this batch's stamp (``batch``: the submission's SHA-256 and the version of the
+    course and options); every report is written once, atomically, so a present one is whole.
+    ``journal.jsonl`` records each report as it is written (append-only; the reports decide).
+    ``batch.json`` keeps the seed, so that running the same command again continues the batch."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.log = out / "journal.jsonl"
+
+    def done(self, key: str, sha: str, version: str) -> dict | None:
+        try:
+            row = json.loads((self.out / f"{key}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        stamp = row.get("batch") if isinstance(row, dict) else None
+        return row if stamp == {"sha256": sha, "version": version} else None
+
+    def record(self, key: str, row: dict) -> None:
+        write_atomically(self.out / f"{key}.json", json.dumps(row, indent=1) + "\n")
+        with open(self.log, "a") as f:
+            f.write(json.dumps({"key": key, "status": row["status"], "score": row["score"],
+                                "version": row["batch"]["version"], "time": round(time.time(), 1)}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    @staticmethod
+    def seed_of(out: Path) -> int | None:
+        """The seed of an earlier batch in ``out`` (to continue it), or None."""
+        try:
+            return int(json.loads((out / "batch.json").read_text())["seed"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def start(self, options: Options, fingerprint: str, version: str) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.out / "batch.json", json.dumps(
+            {"seed": options.seed, "version": version, "course_fingerprint": fingerprint,
+             "options": {k: getattr(options, k) for k in RESULT_OPTIONS}}, indent=1) + "\n")
+
+
+class Progress:
+    """Progress on stderr while a batch runs (done, failed, rate, time left), and its summary."""
+
+    def __init__(self, total: int, resumed: int, workers: int, stream=None, every_s: float = 5.0):
+        self.total, self.resumed, self.workers = total, resumed, workers
+        self.stream = stream if stream is not None else sys.stderr
+        self.every_s, self.start, self.last = every_s, time.monotonic(), 0.0
+        self.statuses: dict[str, int] = {}
+        self.lost = 0  # submissions that got no report this run (a Dask task that could not finish)
+
+    @property
+    def done(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def failed(self) -> int:
+        return sum(n for s, n in self.statuses.items() if s != "graded") + self.lost
+
+    def rate_per_min(self) -> float:
+        return 60 * self.done / max(time.monotonic() - self.start, 1e-9)
+
+    def line(self) -> str:
+        left = self.total - self.resumed - self.done - self.lost
+        rate = self.rate_per_min()
+        eta = f"{left / rate:.1f} min left" if rate > 0 else "time left unknown"
+        return (f"[{self.resumed + self.done + self.lost}/{self.total}] {self.done} graded this run "
+                f"({self.failed} failed or not graded), {self.resumed} done before; {rate:.1f}/min, {eta}")
+
+    def update(self, status: str | None) -> None:
+        if status is None:
+            self.lost += 1
+        else:
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+        now = time.monotonic()
+        if now - self.last >= self.every_s or self.resumed + self.done + self.lost == self.total:
+            self.last = now
+            print(self.line(), file=self.stream, flush=True)
+
+    def summary(self, rows: list[dict]) -> str:
+        wall = time.monotonic() - self.start
+        kinds = ", ".join(f"{s} {n}" for s, n in sorted(self.statuses.items()))
+        mean = sum(r.get("percent", 0.0) for r in rows) / max(len(rows), 1)
+        text = (f"{self.done} submission(s) graded in {wall:.1f} s with {self.workers} worker(s) "
+                f"({self.rate_per_min():.1f}/min; {kinds or 'none'}); {self.resumed} done by an earlier run")
+        if self.lost:
+            text += f"; {self.lost} not graded (run the same command again to finish them)"
+        return text + f". {len(rows)} reports, mean score {mean:.1f}%."
+
+
+def plan_batch(path: Path, out: Path, options: Options, solutions: Path):
+    """What a batch (local or on Dask) grades: the submissions, their keys, their digests, and the rows
+    an earlier run of the same batch already wrote."""
     path, out = path.absolute(), out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     subs = find_submissions(path, exclude=out)
+    root = path if path.is_dir() else path.parent
+    keys = submission_keys(subs, root)
+    fingerprint = course_fingerprint(solutions)
+    version = batch_version(fingerprint, options)
+    journal = Journal(out)
+    journal.start(options, fingerprint, version)
+    digests, done = {}, {}
+    for sub in subs:
+        digests[sub] = submission_digest(sub)
+        row = journal.done(keys[sub], digests[sub][0], version)
+        if row is not None:
+            done[sub] = row
+    return path, out, root, subs, keys, digests, done, journal, fingerprint, version
+
+
+def stamp(row: dict, key: str, rel: str, sha: str, version: str) -> dict:
+    row["key"], row["submission"] = key, rel
+    row["batch"] = {"sha256": sha, "version": version}
+    return row
+
+
+def finish_batch(subs: list[Path], rows: dict, out: Path, progress: Progress, workers: int,
+                 report: bool = True, quiet: bool = False) -> list[dict]:
+    """Tables, the instructor's report and the feedback files over every report of the batch."""
+    ordered = [rows[s] for s in subs if s in rows]
+    write_tables(ordered, out, wall_seconds=time.monotonic() - progress.start, workers=workers)
+    if report:
+        from course_tools.grading.report import write_report
+
+        write_report(ordered, out)
+    if not quiet:
+        print(progress.summary(ordered), file=progress.stream, flush=True)
+    return ordered
+
+
+def grade_batch(path: Path, out: Path, options: Options, workers: int = 2, solutions: Path = notebooks.SOLUTIONS,
+                progress: bool = True, report: bool = True) -> list[dict]:
+    """The plain local pool: ``workers`` threads, each driving one grading process. ``course.py grade``
+    runs the same work on Dask (``distributed.py``) unless ``--local-pool`` is given."""
+    if not options.trust_submissions:
+        isolation.check_available()  # raises SandboxUnavailable with the instructor's options
+    path, out, root, subs, keys, digests, rows, journal, _, version = plan_batch(path, out, options, solutions)
+    status = Progress(len(subs), len(rows), workers, stream=None if progress else open(os.devnull, "w"))
     private = Path(tempfile.mkdtemp(prefix="course-batch-"))  # 0700: the grader's, never a kernel's
     snapshot = private / f"lib-{secrets.token_hex(6)}"
     for package in ("course_lib", "course_tools"):
@@ -93,12 +262,10 @@ def grade_batch(path: Path, out: Path, options: Options, workers: int = 2, solut
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     tree = isolation.build_kernel_tree(notebooks.ROOT, private / "kernel-tree", options.python)
     options = Options(**{**options.__dict__, "kernel_tree": str(tree)})
-    root = path if path.is_dir() else path.parent
-    keys = submission_keys(subs, root)
     todo: queue.Queue = queue.Queue()
     for sub in subs:
-        todo.put(sub)
-    rows: dict[Path, dict] = {}
+        if sub not in rows:
+            todo.put(sub)
     lock = threading.Lock()
 
     def slot(n: int) -> None:
@@ -115,18 +282,17 @@ def grade_batch(path: Path, out: Path, options: Options, workers: int = 2, solut
                 row = worker.grade(sub, key)
                 if not worker.alive():
                     worker = None
-                row["key"], row["submission"] = key, str(sub.relative_to(root))
-                write_atomically(out / f"{key}.json", json.dumps(row, indent=1) + "\n")
+                stamp(row, key, str(sub.relative_to(root)), digests[sub][0], version)
                 with lock:
+                    journal.record(key, row)
                     rows[sub] = row
                     if progress:
-                        print(f"{row['status']:>14}  {row['score']:>6g}/{row['max_score']:<6g} {row['seconds']:>6.1f} s  "
-                              f"{row['submission']}", flush=True)
+                        print_row(row)
+                    status.update(row["status"])
         finally:
             if worker is not None:
                 worker.close()
 
-    start = time.monotonic()
     try:
         threads = [threading.Thread(target=slot, args=(n,), daemon=True) for n in range(max(1, workers))]
         for t in threads:
@@ -135,9 +301,12 @@ def grade_batch(path: Path, out: Path, options: Options, workers: int = 2, solut
             t.join()
     finally:
         shutil.rmtree(private, ignore_errors=True)
-    ordered = [rows[s] for s in subs if s in rows]
-    write_tables(ordered, out, wall_seconds=time.monotonic() - start, workers=workers)
-    return ordered
+    return finish_batch(subs, rows, out, status, workers, report=report, quiet=not progress)
+
+
+def print_row(row: dict) -> None:
+    print(f"{row['status']:>14}  {row['score']:>6g}/{row['max_score']:<6g} {row['seconds']:>6.1f} s  "
+          f"{row['submission']}", flush=True)
 
 
 class Worker:
@@ -148,7 +317,7 @@ class Worker:
     file is written. A worker that runs past a notebook's limit is killed with its kernel, and the
     next submission gets a fresh worker."""
 
-    def __init__(self, options: Options, snapshot: Path, work: Path, solutions: Path):
+    def __init__(self, options: Options, snapshot: Path, work: Path, solutions: Path, die_with_parent: bool = False):
         self.options, self.work, self.solutions = options, work, solutions
         work.mkdir(parents=True)
         env = {**os.environ, "PYTHONPATH": str(snapshot), "PYTHONDONTWRITEBYTECODE": "1",
@@ -159,6 +328,8 @@ class Worker:
                "--grader-memory-mb", str(options.grader_memory_mb), "--kernel-tree", str(options.kernel_tree)]
         if options.trust_submissions:
             cmd.append("--trust-submissions")
+        if die_with_parent:  # Linux: SIGKILL when the process that started it dies (a lost Dask worker)
+            cmd += ["--parent-pid", str(os.getpid())]
         self.log = open(work / "worker.log", "ab")
         self.proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, start_new_session=True)
@@ -302,6 +473,9 @@ def worker_main(args) -> int:
     """The ``_worker`` command: grade the submissions named on stdin, one JSON line each."""
     import resource  # POSIX only, like the rest of the grading process
 
+    if args.parent_pid:
+        _die_with_parent(args.parent_pid)
+
     limit = args.grader_memory_mb * 2**20
     hard = resource.getrlimit(resource.RLIMIT_AS)[1]
     if limit > 0:  # the grading process's own memory limit: a forged reply cannot take the machine
@@ -324,3 +498,17 @@ def worker_main(args) -> int:
         write_atomically(Path(job["result"]), json.dumps(result))
         print("done", flush=True)
     return 0
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when the thread that started it exits (``PR_SET_PDEATHSIG``);
+    its Bubblewrap runs with ``--die-with-parent``, so the sandbox goes too. Exits at once if the parent
+    is already gone."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
