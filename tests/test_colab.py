@@ -10,8 +10,12 @@ import re
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (pytest depends on it there)
+    import tomli as tomllib
 
 import nbformat
 import pytest

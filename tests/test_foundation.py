@@ -1,8 +1,13 @@
 """course_lib basics (device choice, generators, plotting) and the setup's consistency."""
 
 import re
-import tomllib
+import sys
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (pytest depends on it there)
+    import tomli as tomllib
 
 import numpy as np
 import pytest
@@ -144,3 +149,15 @@ def test_gpu_names_the_fix_for_a_cpu_only_torch(monkeypatch):
     assert "no NVIDIA GPU" in course.cuda_problem(Path("python"))
     answer = "cuda 2.13.0+cu130"
     assert course.cuda_problem(Path("python")) is None
+
+
+def test_python_310_has_its_own_known_good_set(monkeypatch):
+    """The newest numpy, scipy, matplotlib ... of constraints.txt need Python 3.11; 3.10 gets its own pins."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    py310 = ROOT / "requirements" / "constraints-py310.txt"
+    pinned = _package_names(l for l in py310.read_text().splitlines() if "==" in l)
+    assert _package_names(_all_requirements(project)) - {"torch"} <= pinned and "torch" not in pinned
+    monkeypatch.setattr(sys, "version_info", (3, 10, 13, "final", 0))
+    assert _course_py().CONSTRAINTS == py310
+    monkeypatch.setattr(sys, "version_info", (3, 13, 0, "final", 0))
+    assert _course_py().CONSTRAINTS.name == "constraints.txt"
