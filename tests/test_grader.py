@@ -72,7 +72,7 @@ def graded(tmp_path_factory):
     seconds = time.monotonic() - start
     time.sleep(1.0)
     alive = _sandboxed_processes(TOKEN)
-    reports = {p.name: p.read_bytes() for p in out.iterdir()}
+    reports = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}  # feedback/ too
     rows = {name: json.loads((out / f"{p.stem}.json").read_text()) for name, p in paths.items()
             if (out / f"{p.stem}.json").exists()}
     return {"proc": proc, "out": out, "rows": rows, "before": before, "corpus": corpus, "alive": alive,
@@ -117,7 +117,8 @@ def test_the_course_is_never_written(graded):
 def test_nothing_the_batch_started_outlives_it(graded):
     assert graded["alive"] == []  # one second after the batch: no kernel, no child of one, setsid or not
     time.sleep(3)  # the attacks' children would rewrite the reports 2 s after they start, and every 0.5 s
-    assert {p.name: p.read_bytes() for p in graded["out"].iterdir()} == graded["reports"]
+    out = graded["out"]
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == graded["reports"]
     assert not any(TOKEN.encode() in data for data in graded["reports"].values())
 
 
