@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import subprocess
 import sys
 import textwrap
@@ -37,8 +38,12 @@ def _fingerprint(folder: Path) -> dict:
             (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in folder.iterdir()}
 
 
-def _sandboxed_processes(marker: str) -> list[str]:
-    """Processes still alive that a sandbox started (a kernel's uid) or that carry the corpus's marker."""
+def _sandboxed_processes(marker: str, batch_tmp: Path) -> list[str]:
+    """Processes still alive that this batch's sandboxes started or that carry the corpus's marker.
+
+    A sandbox runs under a kernel uid and mounts folders the batch made under ``batch_tmp`` (the TMPDIR
+    the batch was given), so another grading run on the same machine (another test, another user) is
+    not counted."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -46,9 +51,12 @@ def _sandboxed_processes(marker: str) -> list[str]:
         try:
             uid = os.stat(f"/proc/{entry}").st_uid
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+            mounts = Path(f"/proc/{entry}/mountinfo").read_text(errors="replace")
         except OSError:
             continue
-        if isolation.UID_BASE <= uid < isolation.UID_BASE + isolation.UID_SPAN or marker in cmdline:
+        # mountinfo names a bind mount's source relative to its file system: match the folder's unique name
+        kernel = isolation.UID_BASE <= uid < isolation.UID_BASE + isolation.UID_SPAN and batch_tmp.name in mounts
+        if kernel or marker in cmdline:
             found.append(f"{entry} uid={uid} {cmdline[:200]}")
     return found
 
@@ -67,11 +75,13 @@ def graded(tmp_path_factory):
     before = _fingerprint(corpus)
     course_before = {f: hashlib.sha256((ROOT / f).read_bytes()).hexdigest() for f in COURSE_FILES}
     start = time.monotonic()
+    batch_tmp = tmp_path_factory.mktemp(f"batch-{secrets.token_hex(6)}")  # to tell this batch's processes apart
     proc = subprocess.run(GRADE + [str(corpus), "--out", str(out), "--workers", "2", "--cell-timeout", "6",
-                                   "--timeout", "150", "--seed", "7"], capture_output=True, text=True, timeout=900)
+                                   "--timeout", "150", "--seed", "7"], capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, TMPDIR=str(batch_tmp)))
     seconds = time.monotonic() - start
     time.sleep(1.0)
-    alive = _sandboxed_processes(TOKEN)
+    alive = _sandboxed_processes(TOKEN, batch_tmp)
     reports = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}  # feedback/ too
     rows = {name: json.loads((out / f"{p.stem}.json").read_text()) for name, p in paths.items()
             if (out / f"{p.stem}.json").exists()}
