@@ -368,13 +368,14 @@ def test_the_sandbox_hook_refuses_and_logs(tmp_path):
     secret, scratch, log = tmp_path / "secret", tmp_path / "scratch", tmp_path / "log"
     secret.mkdir()
     scratch.mkdir()
+    (scratch / "course").mkdir()  # a protected folder inside the writable one (the course cloned under /tmp)
     (secret / "answers.txt").write_text("42")
     (tmp_path / "public.txt").write_text("hello")
     script = textwrap.dedent(f"""
         import os, sys, gc, subprocess, signal
         from course_tools.grading.sandbox import make_hook
         fd = os.open({str(log)!r}, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        hook = make_hook(({str(secret)!r},), ({str(scratch)!r},), fd)
+        hook = make_hook(({str(secret)!r},), ({str(scratch)!r},), fd, ({str(scratch / "course")!r},))
         sys.addaudithook(hook)
         def attempt(name, f):
             try:
@@ -389,6 +390,7 @@ def test_the_sandbox_hook_refuses_and_logs(tmp_path):
         attempt("relative_read", lambda: (os.chdir({str(scratch)!r}), open("../secret/answers.txt").read()))
         attempt("symlink", lambda: os.symlink({str(secret / "answers.txt")!r}, {str(scratch / "link")!r}))
         attempt("write_outside", lambda: open({str(tmp_path / "evil.py")!r}, "w"))
+        attempt("write_protected", lambda: open({str(scratch / "course" / "x.py")!r}, "w"))  # inside a writable folder
         attempt("delete_outside", lambda: os.remove({str(tmp_path / "public.txt")!r}))
         attempt("import_checks", lambda: __import__("course_lib.checks.recap"))
         attempt("subprocess", lambda: subprocess.run(["true"]))
@@ -411,7 +413,7 @@ def test_the_sandbox_hook_refuses_and_logs(tmp_path):
     # grader's scan of the source ("uses ctypes") and harmless to the score, computed in another process
     allowed = {"read_public", "write_scratch", "import_json", "ctypes_load", "bind_local", "ctypes_write_memory"}
     assert {k for k, v in outcome.items() if v == "allowed"} == allowed, proc.stdout + proc.stderr
-    assert len(outcome) == 21
+    assert len(outcome) == 22
     logged = log.read_text()
     for kind in ("forbidden_read", "forbidden_write", "forbidden_import", "subprocess", "signal", "introspection",
                  "code_patching", "ctypes", "network"):

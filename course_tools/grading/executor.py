@@ -150,6 +150,7 @@ class Kernel:
                sandbox.ENV_FDS: f"{requests_r},{replies_w},{events_w}",
                sandbox.ENV_MPL_CACHE: f"{isolation.COURSE}/mpl",
                sandbox.ENV_WRITABLE: os.pathsep.join([isolation.SCRATCH, "/tmp"]),
+               sandbox.ENV_PROTECT: str(notebooks.ROOT),
                sandbox.ENV_DENY: os.pathsep.join(self.deny_list(isolation.COURSE) + self.deny_list(str(notebooks.ROOT)))}
         limits = isolation.Limits(memory_mb=self.options.memory_mb, file_mb=self.options.file_mb,
                                   cpu_s=int(self.options.timeout + 60))

@@ -195,13 +195,16 @@ def command(tree: Path, python: str, info_fd: int, limits: Limits, env: dict[str
             argv.extend(["--symlink", os.readlink(f"/{name}"), f"/{name}"])
         elif os.path.isdir(f"/{name}"):
             argv.extend(["--ro-bind", f"/{name}", f"/{name}"])
+    size = str(max(16, limits.file_mb) * 2**20)
+    # the private /tmp first: a runtime folder that lives under /tmp (a course cloned there, with its .venv)
+    # is then mounted into it, not hidden by it
+    argv += ["--perms", "1777", "--size", size, "--tmpfs", "/tmp"]
+    made.add("/tmp")
     for p in runtime_paths():
         dirs_for(p)
         argv.extend(["--ro-bind", p, p])
-    size = str(max(16, limits.file_mb) * 2**20)
     argv += ["--ro-bind", str(tree), COURSE, "--proc", "/proc", "--dev", "/dev",
              "--perms", "1777", "--size", str(64 * 2**20), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
-             "--perms", "1777", "--size", size, "--tmpfs", "/tmp",
              "--perms", "1777", "--size", size, "--tmpfs", SCRATCH, "--chdir", SCRATCH]
     for k, v in env.items():
         argv.extend(["--setenv", k, v])

@@ -31,6 +31,7 @@ import sys
 
 ENV_DENY = "COURSE_SANDBOX_DENY"  # os.pathsep-separated folders whose reading is refused and reported
 ENV_WRITABLE = "COURSE_SANDBOX_WRITABLE"  # os.pathsep-separated folders that may be written
+ENV_PROTECT = "COURSE_SANDBOX_PROTECT"  # folders never to be written, even inside a writable one (the course)
 ENV_FDS = "COURSE_SANDBOX_FDS"  # "requests,replies,events": the pipes' descriptor numbers
 ENV_MEMORY_MB = "COURSE_SANDBOX_MEMORY_MB"  # set only without a sandbox: the runner sets its own limits
 ENV_FILE_MB = "COURSE_SANDBOX_FILE_MB"
@@ -62,7 +63,7 @@ def set_limits(memory_mb: int, file_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def make_hook(deny: tuple[str, ...], writable: tuple[str, ...], log_fd: int):
+def make_hook(deny: tuple[str, ...], writable: tuple[str, ...], log_fd: int, protect: tuple[str, ...] = ()):
     """The audit hook. Everything it uses is bound now, as defaults of functions whose code and
     defaults the hook protects, so that patching modules later does not change what it does."""
     import _thread
@@ -96,8 +97,10 @@ def make_hook(deny: tuple[str, ...], writable: tuple[str, ...], log_fd: int):
         if len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and parts[2] != _me:
             refuse("forbidden_read", p, PermissionError)  # another process's memory or files
 
-    def check_write(p, _writable=writable):
-        if p is not None and p != "/dev/null" and not under(p, _writable):
+    def check_write(p, _writable=writable, _protect=protect):
+        # the course's own folder on the host may lie under /tmp (a clone there): a write aimed at it is an
+        # attempt on the course even where the sandbox's private /tmp would take it harmlessly
+        if p is not None and p != "/dev/null" and (not under(p, _writable) or under(p, _protect)):
             refuse("forbidden_write", p, PermissionError)
 
     def hook(event, args, _busy=set(), _tid=_thread.get_ident, _spawn=frozenset(_SPAWN),
@@ -280,7 +283,8 @@ def main() -> None:
     core = AgentCore(lambda: shell.user_ns)
     deny = tuple(os.path.realpath(p) for p in os.environ.get(ENV_DENY, "").split(os.pathsep) if p)
     writable = tuple(os.path.realpath(p) for p in os.environ.get(ENV_WRITABLE, "").split(os.pathsep) if p)
-    sys.addaudithook(make_hook(deny, writable, events))
+    protect = tuple(os.path.realpath(p) for p in os.environ.get(ENV_PROTECT, "").split(os.pathsep) if p)
+    sys.addaudithook(make_hook(deny, writable, events, protect))
     write_frame(replies, b"H", 0, b"ready")
     serve((requests, replies), shell, core)
     os._exit(0)  # without running the learner's atexit handlers
