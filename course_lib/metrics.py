@@ -17,7 +17,6 @@ the inference pipeline (tests/test_imports.py checks it).
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 
@@ -33,9 +32,7 @@ EDGE_SIGMA = 1.0  # Canny blur used to read the edges of generated images
 
 def subset(scenes: data.Scenes, n: int) -> data.Scenes:
     """The first ``n`` scenes."""
-    n = min(n, len(scenes))
-    fields = {f.name: getattr(scenes, f.name) for f in dataclasses.fields(scenes)}
-    return data.Scenes(**{k: (v[:n]) for k, v in fields.items()})
+    return scenes.select(slice(0, min(n, len(scenes))))
 
 
 # --- The VAE. -----------------------------------------------------------------------------------------

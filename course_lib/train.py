@@ -213,11 +213,10 @@ def object_crops(scenes: data.Scenes, idx: torch.Tensor, size: int, generator: t
     random, so objects are sometimes cut by the crop's border.
     """
     n_side = data.IMAGE_SIZE
-    centres = torch.tensor([data.POSITION_XY[p] for p in data.POSITIONS])  # (5, 2) x, y in pixels
     k = (torch.rand(len(idx), generator=generator) * scenes.n_objects[idx]).long()  # which object
-    pos = scenes.position[idx, k]  # (B,)
+    centre = scenes.centre[idx, k]  # (B, 2) x, y in pixels
     shift = (torch.randint(-1, 2, (len(idx), 2), generator=generator) * 8)  # (B, 2)
-    corner = ((centres[pos] - size // 2) // 8 * 8 + shift).clamp(0, n_side - size)  # (B, 2) x, y
+    corner = ((centre.long() - size // 2) // 8 * 8 + shift).clamp(0, n_side - size)  # (B, 2) x, y
     return torch.stack([scenes.images[i, :, y:y + size, x:x + size]
                         for i, (x, y) in zip(idx.tolist(), corner.tolist())])  # (B, 3, size, size)
 
@@ -454,7 +453,7 @@ def quick_settings() -> dict:
         "data": DataSettings(n_train=512, n_heldout=128),
         "evaluator": (EvaluatorTraining(steps=5, batch_size=16), EvaluatorConfig(channels=(8, 8, 8), hidden=16)),
         "vae": (VAETraining(steps=5, batch_size=8, full_image_steps=2),
-                VAEConfig(block_channels=(8, 8, 8, 8), layers_per_block=(0, 1, 0, 1), norm_groups=4)),
+                VAEConfig(block_channels=(8, 8, 8, 8), layers_per_block=1, norm_groups=4)),
         "clip": (CLIPTraining(steps=5, batch_size=16), CLIPConfig(width=32, layers=1, heads=2, embed_dim=16,
                                                                   image_channels=(8, 8, 8, 8))),
         "unet": (UNetTraining(steps=5, batch_size=8, n_scenes=256, eval_captions=4, snapshot_every=0, early_step=3),
