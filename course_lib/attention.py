@@ -73,16 +73,18 @@ class Attention(nn.Module):
 
     ``context=None`` makes it self-attention. ``backend`` picks the path ("sdpa" or "math");
     ``store``, when an ``AttentionStore`` is attached, receives this layer's probabilities.
+    ``qkv_bias=True`` gives Q/K/V biases too, as the attention in SD's VAE mid block has.
     """
 
-    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 4, dim_head: int = 32):
+    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 4, dim_head: int = 32,
+                 qkv_bias: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
         self.is_cross = context_dim is not None
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
         self.to_out = nn.Linear(inner, query_dim)
         self.backend: Backend = "sdpa"
         self.store: AttentionStore | None = None

@@ -6,7 +6,7 @@ as LLMs-from-scratch's ``load_weights_into_gpt`` meets GPT-2's checkpoint. For e
     course                      diffusers                  config                          key map
     unet.UNet                   UNet2DConditionModel       unet_diffusers_config           unet_key_map
     controlnet.ControlNet       ControlNetModel            controlnet_diffusers_config     controlnet_key_map
-    vae.VAE                     AutoencoderKL (partly)     vae_diffusers_config            vae_key_map
+    vae.VAE                     AutoencoderKL              vae_diffusers_config            vae_key_map
 
 and ``*_to_diffusers(course_model) -> diffusers_model``, ``*_from_diffusers(diffusers_model) -> course_model``.
 So the shipped weights (``course_lib.weights.load_unet`` ...) run inside diffusers' classes, and a
@@ -18,17 +18,16 @@ A key map is a table ``{course module: diffusers module}``, one row per module t
 built by plain loops over the course's config; a state-dict key is ``module + "." + parameter name``
 (``weight``/``bias``), the same on both sides. No regular expressions: print the table to read it.
 
-Two differences that no weight copy can remove, handled here:
-  - GroupNorm epsilon: diffusers builds the VAE's norms and the U-Net transformers' norms with
-    eps=1e-6 whatever the config says; the course uses PyTorch's default 1e-5. ``*_to_diffusers`` sets
-    1e-5 on every GroupNorm of the model it returns (``save_pretrained`` does not record it: a reloaded
-    model has 1e-6 again, a difference of the order of 1e-6 in the outputs).
-  - The VAE only maps in part (``vae_key_map``'s docstring says exactly where and why).
+One difference that no weight copy can remove, handled here: GroupNorm epsilon. diffusers builds
+the U-Net transformers' norms with eps=1e-6 whatever the config says; the course's U-Net and
+ControlNet use PyTorch's default 1e-5. ``unet_to_diffusers`` and ``controlnet_to_diffusers`` set
+1e-5 on every GroupNorm of the model they return (``save_pretrained`` does not record it: a reloaded
+model has 1e-6 again, a difference of the order of 1e-6 in the outputs). The course's VAE uses
+diffusers' 1e-6 itself, so its map needs nothing of the kind.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
@@ -40,7 +39,7 @@ from .vae import VAE, VAEConfig
 
 KeyMap = dict[str, str]  # course module path -> diffusers module path
 
-COURSE_GROUP_NORM_EPS = 1e-5  # PyTorch's default, which every course GroupNorm uses (diffusers: 1e-6 in places)
+COURSE_GROUP_NORM_EPS = 1e-5  # PyTorch's default, used by the U-Net's and ControlNet's GroupNorms (diffusers: 1e-6)
 COURSE_LATENT_SIDE = 8  # the course's latents are 8x8 (64-pixel images): the diffusers models' sample_size
 
 
@@ -298,34 +297,30 @@ def controlnet_from_diffusers(model, prediction_type: str = "epsilon") -> Contro
 
 
 # ==============================================================================================
-# VAE <-> AutoencoderKL, in part
+# VAE <-> AutoencoderKL
 # ==============================================================================================
 
 
 def vae_diffusers_config(cfg: VAEConfig) -> dict:
-    """The ``AutoencoderKL`` config closest to the course's VAE: same widths, groups, latents and scaling.
-
-    diffusers has one ``layers_per_block`` for every level (the course: one per level); it gets the
-    largest, and ``vae_to_diffusers`` makes the extra ResnetBlock2Ds exact identities.
-    """
+    """The ``AutoencoderKL`` config of the course's VAE. SD 1.5's value in each comment."""
     m = len(cfg.block_channels)
     return dict(
         in_channels=cfg.in_channels, out_channels=cfg.in_channels,  # 3, 3
         down_block_types=("DownEncoderBlock2D",) * m, up_block_types=("UpDecoderBlock2D",) * m,
         block_out_channels=tuple(cfg.block_channels),  # (128, 256, 512, 512)
-        layers_per_block=max(cfg.layers_per_block),  # 2 (the decoder has one more per level)
+        layers_per_block=cfg.layers_per_block,  # 2 (the decoder has one more per level)
         latent_channels=cfg.latent_channels,  # 4
         norm_num_groups=cfg.norm_groups,  # 32
         sample_size=COURSE_LATENT_SIDE * cfg.downsample_factor,  # image side (512)
         scaling_factor=cfg.scaling_factor,  # 0.18215
-        use_quant_conv=False, use_post_quant_conv=False,  # SD has 1x1 convs around the latents; the course none
+        use_quant_conv=True, use_post_quant_conv=True,  # the 1x1 convs on the moments and on z
         mid_block_add_attention=cfg.mid_attention,  # True
     )
 
 
 def _vae_attention_rows(course: str, diffusers: str) -> KeyMap:
-    """course ``vae.AttnBlock`` (GroupNorm + one-head attention) -> diffusers ``Attention`` with its own
-    ``group_norm`` and a residual connection. The course's q, k, v have no bias: diffusers' biases are 0."""
+    """course ``vae.AttnBlock`` (GroupNorm + one-head attention with biased Q/K/V) -> diffusers ``Attention``
+    with its own ``group_norm`` and a residual connection; diffusers wraps to_out in a list (``to_out.0``)."""
     rows = {f"{course}.norm": f"{diffusers}.group_norm"}
     for proj in ("to_q", "to_k", "to_v"):
         rows[f"{course}.attn.{proj}"] = f"{diffusers}.{proj}"
@@ -334,141 +329,81 @@ def _vae_attention_rows(course: str, diffusers: str) -> KeyMap:
 
 
 def _vae_mid_rows(course: str, diffusers: str, attention: bool) -> KeyMap:
+    """course ``vae.mid_block`` (ResBlock, AttnBlock, ResBlock) -> diffusers ``UNetMidBlock2D``."""
     rows = _resnet_rows(f"{course}.0", f"{diffusers}.resnets.0", shortcut=False, time=False)
     if attention:
         rows |= _vae_attention_rows(f"{course}.1", f"{diffusers}.attentions.0")
     return rows | _resnet_rows(f"{course}.2", f"{diffusers}.resnets.1", shortcut=False, time=False)
 
 
-def _vae_layout(cfg: VAEConfig) -> tuple[KeyMap, list[str], dict[str, str]]:
-    """(key map, diffusers ResnetBlock2Ds that must be identities, course modules without a counterpart: why)."""
-    ch, n, g = cfg.block_channels, cfg.layers_per_block, max(cfg.layers_per_block)
-    rows: KeyMap = {"encoder.conv_in": "encoder.conv_in"}
-    identities: list[str] = []
-    unmapped: dict[str, str] = {}
-    # Encoder: each level's ResBlocks are the first n[i] ResnetBlock2Ds of down_blocks[i]; the rest are identities.
-    for i, c in enumerate(ch):
-        cin = ch[max(i - 1, 0)]
-        for j in range(g):
-            if j < n[i]:
-                rows |= _resnet_rows(f"encoder.down.{i}.{j}", f"encoder.down_blocks.{i}.resnets.{j}",
-                                     shortcut=j == 0 and cin != c, time=False)
-            elif j > 0 or cin == c:
-                identities.append(f"encoder.down_blocks.{i}.resnets.{j}")
-            else:
-                unmapped[f"encoder.down.{i}.0"] = (f"the course widens {cin} -> {c} in a strided conv with no ResBlock "
-                                                   "before it, diffusers in a ResnetBlock2D")
-        if i < len(ch) - 1 and f"encoder.down.{i}.0" not in unmapped:
-            # Same tensor, same role, but diffusers pads (0, 1, 0, 1) where the course pads 1 all round: its
-            # output row i reads input rows 2i..2i+2, the course's 2i-1..2i+1. Copied, never equal.
-            rows[f"encoder.down.{i}.{n[i]}"] = f"encoder.down_blocks.{i}.downsamplers.0.conv"
-            unmapped[f"encoder.down.{i}.{n[i]}"] = ("diffusers' Encoder downsamples with padding (0, 1, 0, 1), the course "
-                                                    "with padding 1 on every side: a one-pixel shift of the sampling grid")
-    rows |= _vae_mid_rows("encoder.mid", "encoder.mid_block", cfg.mid_attention)
-    rows |= {"encoder.norm_out": "encoder.conv_norm_out", "encoder.conv_out": "encoder.conv_out"}
-    # Decoder: diffusers' up block i has g + 1 ResnetBlock2Ds and an upsample conv that keeps the width; the next
-    # block's first ResnetBlock2D narrows. The course narrows in the upsample conv. Equal up to the first narrowing.
-    rows |= {"decoder.conv_in": "decoder.conv_in"}
-    rows |= _vae_mid_rows("decoder.mid", "decoder.mid_block", cfg.mid_attention)
-    rch, rn = ch[::-1], n[::-1]
-    in_step = True
-    for i, c in enumerate(rch):
-        if not in_step:
-            for j in range(rn[i]):
-                unmapped[f"decoder.up.{i}.{j}"] = "after the decoder's first narrowing the two layouts part"
-            if i < len(ch) - 1:
-                unmapped[f"decoder.up.{i}.{rn[i] + 1}"] = "after the decoder's first narrowing the two layouts part"
-            continue
-        for j in range(g + 1):
-            if j < rn[i]:
-                rows |= _resnet_rows(f"decoder.up.{i}.{j}", f"decoder.up_blocks.{i}.resnets.{j}", shortcut=False,
-                                     time=False)
-            else:
-                identities.append(f"decoder.up_blocks.{i}.resnets.{j}")
-        if i < len(ch) - 1:
-            conv = f"decoder.up.{i}.{rn[i] + 1}"  # after the (weightless) nn.Upsample at index rn[i]
-            if rch[i + 1] == c:
-                rows[conv] = f"decoder.up_blocks.{i}.upsamplers.0.conv"
-            else:
-                unmapped[conv] = (f"the course's conv after upsampling narrows {c} -> {rch[i + 1]}; diffusers' Upsample2D "
-                                  "keeps the width and narrows in the next ResnetBlock2D (with a nonlinear branch)")
-                in_step = False
-    rows |= {"decoder.norm_out": "decoder.conv_norm_out", "decoder.conv_out": "decoder.conv_out"}
-    return rows, identities, unmapped
-
-
 def vae_key_map(cfg: VAEConfig) -> KeyMap:
-    """course ``VAE`` module -> ``AutoencoderKL`` module, for every course module with a diffusers counterpart.
+    """course ``VAE`` module -> ``AutoencoderKL`` module, for every module with weights (all of them).
 
-    What maps, and what cannot (``vae_unmapped`` lists the modules; retraining would be needed):
-      - everything in the encoder computes the same except its stride-2 downsampling convs: diffusers'
-        ``Encoder`` builds ``Downsample2D`` with padding 0 and pads (0, 1, 0, 1) before it (the original
-        LDM code's choice, not configurable); the course pads 1 on every side. Output row i reads input
-        rows 2i..2i+2 there, 2i-1..2i+1 here, and no choice of weights moves a 3x3 window by one pixel.
-        The convs are copied anyway (same tensor, same role), so the round trip keeps them;
-      - the decoder computes the same up to its first narrowing: the course's conv after each 2x
-        upsample already narrows to the next level's width, diffusers' ``Upsample2D`` keeps the width
-        and its next ``ResnetBlock2D`` narrows. A single 3x3 conv is not a ResnetBlock2D (GroupNorm-SiLU
-        branch + 1x1 shortcut), so from there on the two have different layers. With every width equal
-        (``block_channels=(c, c, ..., c)``) nothing narrows and the whole decoder maps;
-      - the latent distribution (mean, log-variance clamped to [-30, 20], std, sampling, KL) is the same
-        as ``DiagonalGaussianDistribution``.
+    The course's ``Encoder`` ends with ``quant_conv`` and its ``Decoder`` starts with ``post_quant_conv``;
+    ``AutoencoderKL`` keeps both outside its Encoder and Decoder. Everything else has the same place.
     """
-    return _vae_layout(cfg)[0]
+    ch, n = cfg.block_channels, cfg.layers_per_block
+    rows: KeyMap = {"encoder.conv_in": "encoder.conv_in"}
+    for i, c in enumerate(ch):  # encoder.down[i] = n ResBlocks (the first changes the width), then Downsample
+        cin = ch[max(i - 1, 0)]
+        for j in range(n):
+            rows |= _resnet_rows(f"encoder.down.{i}.{j}", f"encoder.down_blocks.{i}.resnets.{j}",
+                                 shortcut=j == 0 and cin != c, time=False)
+        if i < len(ch) - 1:
+            rows[f"encoder.down.{i}.{n}.conv"] = f"encoder.down_blocks.{i}.downsamplers.0.conv"
+    rows |= _vae_mid_rows("encoder.mid", "encoder.mid_block", cfg.mid_attention)
+    rows |= {"encoder.norm_out": "encoder.conv_norm_out", "encoder.conv_out": "encoder.conv_out",
+             "encoder.quant_conv": "quant_conv"}
+    rows |= {"decoder.post_quant_conv": "post_quant_conv", "decoder.conv_in": "decoder.conv_in"}
+    rows |= _vae_mid_rows("decoder.mid", "decoder.mid_block", cfg.mid_attention)
+    rch = ch[::-1]
+    for i, c in enumerate(rch):  # decoder.up[i] = n + 1 ResBlocks (the first narrows), then Upsample
+        cin = rch[max(i - 1, 0)]
+        for j in range(n + 1):
+            rows |= _resnet_rows(f"decoder.up.{i}.{j}", f"decoder.up_blocks.{i}.resnets.{j}",
+                                 shortcut=j == 0 and cin != c, time=False)
+        if i < len(ch) - 1:
+            rows[f"decoder.up.{i}.{n + 1}.conv"] = f"decoder.up_blocks.{i}.upsamplers.0.conv"
+    rows |= {"decoder.norm_out": "decoder.conv_norm_out", "decoder.conv_out": "decoder.conv_out"}
+    return rows
 
 
-def vae_unmapped(cfg: VAEConfig) -> dict[str, str]:
-    """Course VAE modules that compute something no ``AutoencoderKL`` computes, each with the reason."""
-    return _vae_layout(cfg)[2]
+_VAE_FIXED = dict(  # diffusers settings whose alternatives the course's VAE does not compute
+    act_fn="silu", use_quant_conv=True, use_post_quant_conv=True, shift_factor=None, latents_mean=None,
+    latents_std=None,
+)
+
+
+def vae_config_from_diffusers(config) -> VAEConfig:
+    """The course's ``VAEConfig`` for an ``AutoencoderKL`` config (ValueError if it has no counterpart)."""
+    what = "this AutoencoderKL"
+    _require(config, _VAE_FIXED, what)
+    m = len(config["block_out_channels"])
+    for name, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        if list(config[name]) != [kind] * m:
+            raise ValueError(f"{what} has {name}={list(config[name])}; the course's VAE has {m} x {kind}")
+    if config["out_channels"] != config["in_channels"]:
+        raise ValueError(f"{what} maps {config['in_channels']} channels to {config['out_channels']}; the course's "
+                         "VAE reconstructs its input, so both must be equal")
+    return VAEConfig(in_channels=config["in_channels"], latent_channels=config["latent_channels"],
+                     block_channels=tuple(config["block_out_channels"]), layers_per_block=config["layers_per_block"],
+                     norm_groups=config["norm_num_groups"], mid_attention=config.get("mid_block_add_attention", True),
+                     scaling_factor=float(config["scaling_factor"]))
 
 
 def vae_to_diffusers(vae: VAE):
-    """The ``AutoencoderKL`` closest to ``vae``: every tensor of ``vae_key_map`` copied, the extra
-    ResnetBlock2Ds set to exact identities (conv2 = 0, so out = x + 0), attention biases 0.
-
-    It decodes exactly as ``vae`` does when all ``block_channels`` are equal; otherwise only the parts
-    ``vae_key_map`` names as equal compute the same (``vae_unmapped(vae.config)`` lists the rest), and its
-    encoder samples on a grid shifted by a pixel. The parity test measures both.
-    """
+    """A ``diffusers.AutoencoderKL`` computing what ``vae`` computes, with copies of its weights."""
     from diffusers import AutoencoderKL
 
-    rows, identities, _ = _vae_layout(vae.config)
     model = AutoencoderKL(**vae_diffusers_config(vae.config))
-    state = model.state_dict()
-    ours = rename_state_dict({k: v for k, v in vae.state_dict().items() if k.rpartition(".")[0] in rows}, rows, "VAE")
-    for key in list(state):
-        module, _, param = key.rpartition(".")
-        if module.endswith((".to_q", ".to_k", ".to_v")) and param == "bias" and module in invert(rows):
-            state[key] = torch.zeros_like(state[key])  # the course's q, k, v have no bias
-        if any(module == f"{r}.conv2" for r in identities):
-            state[key] = torch.zeros_like(state[key])  # ResnetBlock2D(x) = x + conv2(...) = x
-    state.update(ours)
-    model.load_state_dict(state, strict=True)
-    return _like(_use_course_group_norm_eps(model), vae)
+    model.load_state_dict(rename_state_dict(vae.state_dict(), vae_key_map(vae.config), "VAE"), strict=True)
+    return _like(model, vae)
 
 
-def vae_from_diffusers(model, base: VAE | VAEConfig) -> VAE:
-    """A course ``VAE`` with every ``vae_key_map`` tensor copied from an ``AutoencoderKL``.
-
-    base: the course VAE whose other tensors to keep (a copy is returned; ``base`` is not changed), or
-    a ``VAEConfig`` when every course tensor has a counterpart (all block widths equal). diffusers'
-    config cannot say which of its ResnetBlock2Ds stand for no course ResBlock, hence the course config.
-    """
-    vae = copy.deepcopy(base) if isinstance(base, VAE) else VAE(base)
-    rows, identities, unmapped = _vae_layout(vae.config)
-    missing = [k for k in vae.state_dict() if k.rpartition(".")[0] not in rows]
-    if isinstance(base, VAEConfig) and missing:
-        raise ValueError(f"{len(missing)} course VAE tensors have no AutoencoderKL counterpart (e.g. {missing[0]!r}: "
-                         f"{next(iter(unmapped.values()))}). Pass the course VAE whose tensors to keep as base=")
-    state = model.state_dict()
-    for key in state:
-        module, _, param = key.rpartition(".")
-        extra = (module.endswith((".to_q", ".to_k", ".to_v")) and param == "bias" and module in invert(rows)) or \
-            any(module == f"{r}.conv2" for r in identities)
-        if extra and torch.count_nonzero(state[key]):
-            raise ValueError(f"AutoencoderKL's {key} is not zero: the course's VAE has no such term (a bias, or a "
-                             "ResnetBlock2D the course does not have); this model has no course counterpart")
-    back = rename_state_dict({k: v for k, v in state.items() if k.rpartition(".")[0] in invert(rows)},
-                             invert(rows), "AutoencoderKL")
-    vae.load_state_dict(back, strict=False)
+def vae_from_diffusers(model) -> VAE:
+    """The course's ``VAE`` computing what an ``AutoencoderKL`` computes, with copies of its weights."""
+    cfg = vae_config_from_diffusers(model.config)
+    vae = VAE(cfg)
+    vae.load_state_dict(rename_state_dict(model.state_dict(), invert(vae_key_map(cfg)), "AutoencoderKL"),
+                        strict=True)
     return _like(vae, model)

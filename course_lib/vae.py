@@ -12,12 +12,21 @@ standard normal. That is why latents are multiplied by a **scaling factor** befo
 SD's 0.18215 was 1 / std of latents over a sample of training images, computed once after the
 VAE was trained. ``compute_scaling_factor`` does exactly that for this VAE.
 
-Layout (as in SD's ``AutoencoderKL``, smaller)::
+Layout: a miniature of SD's ``AutoencoderKL`` (diffusers' ``Encoder``/``Decoder``), module for module,
+so ``course_lib.diffusers_weights.vae_to_diffusers`` runs the same weights in diffusers with the same
+outputs. n = ``layers_per_block``, m = ``len(block_channels)`` levels::
 
-    encoder: conv_in -> [ResBlock x n, Downsample] x 3 -> ResBlock, self-attention, ResBlock
-             -> GroupNorm, SiLU, conv_out -> (mean, logvar)          64x64 -> 32 -> 16 -> 8
-    decoder: conv_in -> ResBlock, self-attention, ResBlock -> [ResBlock x n, Upsample] x 3
-             -> GroupNorm, SiLU, conv_out                             8x8 -> 16 -> 32 -> 64
+    encoder: conv_in -> [ResBlock x n, Downsample] x (m - 1), ResBlock x n       64x64 -> 32 -> 16 -> 8
+             -> mid: ResBlock, self-attention, ResBlock
+             -> GroupNorm, SiLU, conv_out -> quant_conv (1x1) -> (mean, logvar)
+    decoder: post_quant_conv (1x1) -> conv_in -> mid: ResBlock, self-attention, ResBlock
+             -> [ResBlock x (n + 1), Upsample] x (m - 1), ResBlock x (n + 1)     8x8 -> 16 -> 32 -> 64
+             -> GroupNorm, SiLU, conv_out
+
+Widths change in the first ResBlock of a level (its 1x1 skip conv matches the widths); Downsample and
+Upsample keep the width. Downsample pads (0, 1, 0, 1), then a stride-2 3x3 conv without padding (the
+original LDM code's choice); Upsample is nearest-neighbour 2x, then a 3x3 conv. Every GroupNorm uses
+eps=1e-6, as SD's VAE does. SD 1.5: block_channels (128, 256, 512, 512), n = 2, 32 groups.
 """
 
 from __future__ import annotations
@@ -30,13 +39,15 @@ from torch import nn
 
 from .attention import Attention
 
+GROUP_NORM_EPS = 1e-6  # diffusers' Encoder/Decoder build every GroupNorm with this (PyTorch's default: 1e-5)
+
 
 @dataclass
 class VAEConfig:
     in_channels: int = 3  # RGB
     latent_channels: int = 4  # as in SD 1.x/2.x (SD 3 moved to 16)
     block_channels: tuple = (16, 32, 64, 64)  # channels at 64x64, 32x32, 16x16, 8x8; SD 1.5 uses (128, 256, 512, 512)
-    layers_per_block: tuple = (0, 1, 1, 1)  # ResBlocks at each resolution; none at 64x64 saves most compute (SD: 2 each)
+    layers_per_block: int = 1  # encoder ResBlocks per resolution; the decoder has one more (SD: 2, so 3)
     norm_groups: int = 8  # GroupNorm groups (SD: 32)
     mid_attention: bool = True  # one self-attention layer at 8x8, as in SD's VAE
     init_logvar: float = -6.0  # initial log-variance of the posterior: start nearly deterministic (std 0.05)
@@ -44,10 +55,12 @@ class VAEConfig:
 
     def __post_init__(self):
         self.block_channels = tuple(self.block_channels)  # JSON gives lists back
-        self.layers_per_block = tuple(self.layers_per_block)
-        if len(self.layers_per_block) != len(self.block_channels):
-            raise ValueError(f"layers_per_block needs one entry per resolution ({len(self.block_channels)}), "
-                             f"got {self.layers_per_block}")
+        if isinstance(self.layers_per_block, bool) or not isinstance(self.layers_per_block, int) \
+                or self.layers_per_block < 1:
+            raise ValueError(f"layers_per_block must be one int >= 1, the ResBlocks at every resolution (as in "
+                             f"diffusers' AutoencoderKL), got {self.layers_per_block!r}; a VAE card with one entry per "
+                             "resolution was written for an older layout: retrain it with "
+                             "`python -m course_lib.train --only vae`")
         if len(self.block_channels) < 2:
             raise ValueError(f"block_channels needs at least 2 resolutions, got {self.block_channels}")
         for c in self.block_channels:
@@ -60,13 +73,15 @@ class VAEConfig:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv, twice, plus a skip connection (1x1 conv when channels change)."""
+    """GroupNorm -> SiLU -> conv, twice, plus a skip connection (1x1 conv when channels change).
+
+    diffusers: ``ResnetBlock2D`` without a time embedding (its 1x1 skip is ``conv_shortcut``)."""
 
     def __init__(self, cin: int, cout: int, groups: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin)
+        self.norm1 = nn.GroupNorm(groups, cin, eps=GROUP_NORM_EPS)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, cout)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=GROUP_NORM_EPS)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -77,12 +92,14 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels, with a residual connection (SD's VAE mid block)."""
+    """Single-head self-attention over all pixels, with a residual connection (SD's VAE mid block).
+
+    diffusers: the ``Attention`` of ``UNetMidBlock2D``, with its own ``group_norm`` and biased Q/K/V."""
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels)
-        self.attn = Attention(channels, heads=1, dim_head=channels)
+        self.norm = nn.GroupNorm(groups, channels, eps=GROUP_NORM_EPS)
+        self.attn = Attention(channels, heads=1, dim_head=channels, qkv_bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -91,61 +108,99 @@ class AttnBlock(nn.Module):
         return x + out
 
 
+class Downsample(nn.Module):
+    """Halve the side: pad one zero row and column at the bottom and right, then a stride-2 3x3 conv.
+
+    diffusers: ``Downsample2D(padding=0)`` as the VAE's ``Encoder`` builds it. Output pixel i reads input
+    pixels 2i..2i+2 (a conv with padding 1 on every side would read 2i-1..2i+1)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    """Double the side: nearest-neighbour 2x, then a 3x3 conv (no checkerboard, unlike a transposed conv).
+
+    diffusers: ``Upsample2D(use_conv=True)``."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+
+
+def mid_block(channels: int, groups: int, attention: bool) -> nn.Sequential:
+    """ResBlock, self-attention, ResBlock at the lowest resolution (diffusers: ``UNetMidBlock2D``)."""
+    return nn.Sequential(ResBlock(channels, channels, groups),
+                         AttnBlock(channels, groups) if attention else nn.Identity(),
+                         ResBlock(channels, channels, groups))
+
+
 class Encoder(nn.Module):
+    """Image -> posterior moments (mean and log-variance). diffusers: ``Encoder``, then ``quant_conv``."""
+
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        ch, g = cfg.block_channels, cfg.norm_groups
+        ch, g, n = cfg.block_channels, cfg.norm_groups, cfg.layers_per_block
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.down = nn.ModuleList()
+        self.down = nn.ModuleList()  # diffusers: down_blocks, each a DownEncoderBlock2D
         cin = ch[0]
         for i, c in enumerate(ch):
-            layers = [ResBlock(cin if j == 0 else c, c, g) for j in range(cfg.layers_per_block[i])]
-            cin = c if layers else cin
+            layers = [ResBlock(cin if j == 0 else c, c, g) for j in range(n)]  # the first one changes the width
             if i < len(ch) - 1:
-                layers.append(nn.Conv2d(cin, c, 3, stride=2, padding=1))  # downsample by 2
-                cin = c
+                layers.append(Downsample(c))
             self.down.append(nn.Sequential(*layers))
-        self.mid = nn.Sequential(ResBlock(cin, cin, g), AttnBlock(cin, g) if cfg.mid_attention else nn.Identity(),
-                                 ResBlock(cin, cin, g))
-        self.norm_out = nn.GroupNorm(g, cin)
+            cin = c
+        self.mid = mid_block(cin, g, cfg.mid_attention)
+        self.norm_out = nn.GroupNorm(g, cin, eps=GROUP_NORM_EPS)
         self.conv_out = nn.Conv2d(cin, 2 * cfg.latent_channels, 3, padding=1)  # mean and log-variance
+        # SD's AutoencoderKL keeps this 1x1 conv on the moments outside its Encoder, as ``quant_conv``
+        # (a name left from the VQ autoencoders it grew from); here the encoder ends with it.
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         # With SD's tiny KL weight, nothing pulls the posterior wide, and sampling noise as large as the
         # latents themselves only slows early training down: start the log-variance low.
         with torch.no_grad():
-            self.conv_out.bias[cfg.latent_channels:] = cfg.init_logvar
+            self.quant_conv.bias[cfg.latent_channels:] = cfg.init_logvar
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for block in self.down:
             h = block(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2*latent, H/8, W/8)
+        h = self.conv_out(F.silu(self.norm_out(h)))  # (B, 2*latent, H/8, W/8)
+        return self.quant_conv(h)  # (B, 2*latent, H/8, W/8)
 
 
 class Decoder(nn.Module):
+    """Latent -> image. diffusers: ``post_quant_conv``, then ``Decoder``."""
+
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        ch, g = cfg.block_channels[::-1], cfg.norm_groups
-        n_layers = cfg.layers_per_block[::-1]
+        ch, g, n = cfg.block_channels[::-1], cfg.norm_groups, cfg.layers_per_block
+        # a 1x1 conv on z; SD's AutoencoderKL keeps it outside its Decoder, as ``post_quant_conv``
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
-        self.mid = nn.Sequential(ResBlock(ch[0], ch[0], g), AttnBlock(ch[0], g) if cfg.mid_attention else nn.Identity(),
-                                 ResBlock(ch[0], ch[0], g))
-        self.up = nn.ModuleList()
+        self.mid = mid_block(ch[0], g, cfg.mid_attention)
+        self.up = nn.ModuleList()  # diffusers: up_blocks, each an UpDecoderBlock2D
         cin = ch[0]
         for i, c in enumerate(ch):
-            layers = [ResBlock(cin if j == 0 else c, c, g) for j in range(n_layers[i])]
-            cin = c if layers else cin
+            # n + 1 ResBlocks; the first narrows to this level's width (Upsample before it kept the width)
+            layers = [ResBlock(cin if j == 0 else c, c, g) for j in range(n + 1)]
             if i < len(ch) - 1:
-                # Upsample, then a conv that already narrows to the next resolution's channels
-                # (SD keeps the width here and narrows in the next ResBlock: same idea, more compute).
-                layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, ch[i + 1], 3, padding=1)]
-                cin = ch[i + 1]
+                layers.append(Upsample(c))
             self.up.append(nn.Sequential(*layers))
-        self.norm_out = nn.GroupNorm(g, cin)
+            cin = c
+        self.norm_out = nn.GroupNorm(g, cin, eps=GROUP_NORM_EPS)
         self.conv_out = nn.Conv2d(cin, cfg.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+        h = self.mid(self.conv_in(self.post_quant_conv(z)))
         for block in self.up:
             h = block(h)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny_pipe():
     torch.manual_seed(0)
     clip = CLIP(CLIPConfig(width=32, layers=1, heads=2, embed_dim=16, image_channels=(8, 8, 8, 8))).eval()
-    vae = VAE(VAEConfig(block_channels=(8, 8, 8, 8), layers_per_block=(0, 1, 0, 1), norm_groups=4)).eval()
+    vae = VAE(VAEConfig(block_channels=(8, 8, 8, 8), layers_per_block=1, norm_groups=4)).eval()
     unet = UNet(TINY_UNET).eval().requires_grad_(False)
     return TinySD(vae=vae, clip=clip, unet=unet, tokenizer=Tokenizer(clip.config.context_length), schedule=sd_schedule())
 

@@ -24,7 +24,7 @@ PROMPTS = ["a large red circle in the centre", "small blue square, top left", "a
 def sd() -> TinySD:
     torch.manual_seed(0)
     clip_cfg = CLIPConfig(width=32, layers=1, heads=2, embed_dim=16, image_channels=(8, 8, 8, 8))
-    vae = VAE(VAEConfig(block_channels=(8, 8, 8, 8), layers_per_block=(0, 1, 0, 1), norm_groups=4)).eval()
+    vae = VAE(VAEConfig(block_channels=(8, 8, 8, 8), layers_per_block=1, norm_groups=4)).eval()
     unet = UNet(UNetConfig(block_channels=(16, 16), layers_per_block=1, heads=2, context_dim=32, time_embed_dim=32,
                            norm_groups=8, ff_mult=1)).eval()
     clip = CLIP(clip_cfg).eval()

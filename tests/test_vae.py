@@ -7,7 +7,7 @@ from course_lib import data
 from course_lib.vae import VAE, LatentDistribution, VAEConfig, compute_scaling_factor, psnr
 from course_lib.weights import load_vae
 
-TINY = VAEConfig(block_channels=(8, 8, 16, 16), layers_per_block=(0, 1, 0, 1), norm_groups=4)
+TINY = VAEConfig(block_channels=(8, 8, 16, 16), layers_per_block=1, norm_groups=4)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,10 @@ def test_bad_inputs_raise_clear_errors():
         vae.encode(torch.zeros(1, 3, 60, 60))
     with pytest.raises(ValueError, match="latents"):
         vae.decode(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="one int"):  # one count for every resolution, as in AutoencoderKL
+        VAEConfig(block_channels=(8, 8, 8, 8), layers_per_block=(0, 1, 1, 1))
     with pytest.raises(ValueError, match="layers_per_block"):
-        VAEConfig(block_channels=(8, 8, 8, 8), layers_per_block=(1, 1))
+        VAEConfig(block_channels=(8, 8, 8, 8), layers_per_block=0)
 
 
 def test_scaling_factor_is_one_over_latent_std():
