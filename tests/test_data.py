@@ -1,4 +1,8 @@
-"""The procedural data set: determinism, captions that match their scenes, edges on boundaries, clear errors."""
+"""The procedural world: determinism, scenes that are distributions, partial captions in ordinary words that
+the one prompt parser reads back exactly, masks and edges that agree with the pixels, clear errors."""
+
+import math
+import random
 
 import pytest
 import torch
@@ -8,133 +12,224 @@ from course_lib import data
 
 @pytest.fixture(scope="module")
 def scenes():
-    return data.generate(600, seed=3)
+    return data.generate(1500, seed=3)
+
+
+@pytest.fixture(scope="module")
+def all_concepts():
+    return data.generate(1500, seed=3, concepts="all")
 
 
 def test_shapes_and_dtypes(scenes):
-    assert scenes.images.shape == (600, 3, 64, 64) and scenes.images.dtype == torch.uint8
-    assert scenes.edges.shape == (600, 1, 64, 64) and scenes.edges.dtype == torch.bool
-    assert len(scenes.captions) == 600
-    assert set(scenes.n_objects.unique().tolist()) == {1, 2}
+    n = len(scenes)
+    assert scenes.images.shape == (n, 3, 64, 64) and scenes.images.dtype == torch.uint8
+    assert scenes.edges.shape == (n, 1, 64, 64) and scenes.edges.dtype == torch.bool
+    assert scenes.masks.shape == (n, 3, 64, 64) and scenes.masks.dtype == torch.bool
+    assert len(scenes.captions) == n
+    assert set(scenes.n_objects.unique().tolist()) == {1, 2, 3}
+    filled = torch.arange(3)[None] < scenes.n_objects[:, None]
+    for name in data.ATTRIBUTES:
+        t = getattr(scenes, name)
+        assert ((t >= 0) == filled).all(), name
 
 
-def test_deterministic_from_seed_and_split():
+def test_deterministic_from_seed_split_and_concepts():
     a, b = data.generate(50, seed=7), data.generate(50, seed=7)
-    assert torch.equal(a.images, b.images) and a.captions == b.captions
-    c = data.generate(50, seed=8)
-    assert not torch.equal(a.images, c.images)
-    held = data.generate(50, seed=7, split="heldout")
-    assert not torch.equal(a.images, held.images)
+    assert torch.equal(a.images, b.images) and a.captions == b.captions and torch.equal(a.masks, b.masks)
+    assert not torch.equal(a.images, data.generate(50, seed=8).images)
+    assert not torch.equal(a.images, data.generate(50, seed=7, split="heldout").images)
+    assert a.captions != data.generate(50, seed=7, concepts="all").captions
 
 
-def test_prefix_stability_is_not_assumed_but_chunks_agree():
-    # Scenes are rendered in chunks; a batch larger than one chunk must equal its parts drawn at once.
+def test_rendering_in_chunks_agrees_with_rendering_at_once():
     attrs = data.sample_attributes(10, seed=1)
-    whole, _ = data.render(attrs)
-    part, _ = data.render({k: v[5:] for k, v in attrs.items()})
-    assert torch.equal(whole[5:], part)
+    whole = data.render(attrs)
+    part = data.render({k: v[5:] for k, v in attrs.items()})
+    for w, p in zip(whole, part):
+        assert torch.equal(w[5:], p)
 
 
-def test_every_caption_agrees_with_its_attributes(scenes):
+def test_reserved_concepts_never_in_training_but_drawn_on_request(scenes, all_concepts):
+    for name, reserved in (("shape", data.RESERVED_SHAPES), ("colour", data.RESERVED_COLOURS)):
+        vocab = data.ATTRIBUTES[name]
+        ids = [vocab.index(w) for w in reserved]
+        train_values = set(getattr(scenes, name)[getattr(scenes, name) >= 0].tolist())
+        all_values = set(getattr(all_concepts, name)[getattr(all_concepts, name) >= 0].tolist())
+        assert not train_values & set(ids)
+        assert set(ids) <= all_values
+        assert all_values == set(range(len(vocab)))
+    words = {w for c in scenes.captions for w in data.normalise(c)}
+    assert not words & {"heart", "moon", "brown"}
+
+
+def test_every_caption_reads_back_as_what_it_says(all_concepts):
+    for i in range(len(all_concepts)):
+        assert data.parse_prompt(all_concepts.captions[i]) == all_concepts.described(i), all_concepts.captions[i]
+
+
+def test_what_a_caption_says_is_true_of_its_scene(scenes):
     for i in range(len(scenes)):
-        parsed = data.parse_caption(scenes.captions[i])
-        truth = scenes.attributes(i)
-        assert parsed["objects"] == truth["objects"], scenes.captions[i]
-        if parsed["background"] is not None:
-            assert parsed["background"] == truth["background"]
+        truth, said = scenes.attributes(i), scenes.described(i)
+        assert said["background"] in (None, truth["background"])
+        for obj, true_obj in zip(said["objects"], truth["objects"]):
+            assert all(true_obj[k] == v for k, v in obj.items())
 
 
-def test_captions_use_several_phrasings(scenes):
-    starts = {c.split()[0] for c in scenes.captions}
-    assert len(starts) >= 3
-    assert any("background" in c for c in scenes.captions) and any("background" not in c for c in scenes.captions)
+def test_captions_leave_things_out_and_vary(scenes):
+    objects = [o for i in range(len(scenes)) for o in scenes.described(i)["objects"]]
+    share = {name: sum(name in o for o in objects) / len(objects) for name in ("colour", "size", "position")}
+    # Each attribute is often named and often not (rates set by data.MENTION_PROBS).
+    for name, rate in share.items():
+        assert abs(rate - data.MENTION_PROBS[name]) < 0.05, (name, rate)
+    words = {w for c in scenes.captions for w in data.normalise(c)}
+    for synonyms in (("small", "little", "tiny"), ("large", "big", "huge"), ("centre", "center", "middle"),
+                     ("grey", "gray"), ("coloured", "colored"), ("top", "upper"), ("bottom", "lower")):
+        assert set(synonyms) <= words, synonyms
+    assert any(c != c.lower() for c in scenes.captions) and any(c.endswith((".", "!")) for c in scenes.captions)
+    assert len(set(scenes.captions)) > 0.95 * len(scenes)
 
 
-def test_colours_drawn_where_attributes_say(scenes):
-    # The pixel at each one-object scene's position centre has that object's colour.
+def test_one_caption_fits_many_images():
+    # Same described content, different pixels: position, size, rotation and shade are continuous.
+    s = data.generate(4000, seed=5)
+    groups = {}
+    for i in range(len(s)):
+        d = s.described(i)
+        if len(d["objects"]) == 1 and d["background"] is None:
+            groups.setdefault(data.template_caption(d), []).append(i)
+    big = max(groups.values(), key=len)
+    assert len(big) >= 6
+    imgs = s.images[big].float()
+    assert (imgs[1:] - imgs[:1]).abs().mean(dim=(1, 2, 3)).min() > 1.0  # no two alike
+    assert s.centre[big, 0].std(0).min() > 2.0  # positions spread (within a region when one is named)
+    assert s.radius[big, 0].std() > 1.0
+
+
+def test_positions_and_sizes_fall_in_their_named_region_and_class(scenes):
+    filled = scenes.shape >= 0
+    col = (scenes.centre[..., 0] // data.CELL).long()
+    row = (scenes.centre[..., 1] // data.CELL).long()
+    assert torch.equal((row * 3 + col)[filled], scenes.position[filled])
+    for s, (lo, hi) in enumerate(data.SIZE_RANGES.values()):
+        r = scenes.radius[filled & (scenes.size == s)]
+        assert r.min() >= lo and r.max() <= hi
+    rot = scenes.rotation[filled]
+    assert rot.abs().max() <= data.MAX_ROTATION and rot.std() > 0.2
+
+
+def test_masks_hold_the_objects_pixels(scenes):
+    filled = scenes.shape >= 0
+    area = scenes.masks.sum((2, 3))
+    assert (area[~filled] == 0).all()
+    # Masks of one scene never overlap: a pixel shows one object.
+    assert (scenes.masks.sum(1) <= 1).all()
+    # A plain object's pixels are its colour's shade: within the shade range of the colour's centre.
     for i in range(200):
-        if int(scenes.n_objects[i]) != 1:
-            continue
-        attrs = scenes.attributes(i)
-        obj = attrs["objects"][0]
-        x, y = data.POSITION_XY[obj["position"]]
-        got = tuple(scenes.images[i, :, y, x].tolist())
-        assert got == data.COLOUR_RGB[obj["colour"]], (scenes.captions[i], got)
-        corner = tuple(scenes.images[i, :, 0, 0].tolist()) if obj["position"] != "top left" else tuple(scenes.images[i, :, 63, 63].tolist())
-        assert corner == data.BACKGROUND_RGB[attrs["background"]]
+        for k in range(int(scenes.n_objects[i])):
+            m = scenes.masks[i, k]
+            if m.sum() < 5 or scenes.fill[i, k] != 0:
+                continue
+            rgb = scenes.images[i][:, m].float().mean(1)
+            ref = torch.tensor(data.COLOUR_RGB[data.COLOURS[int(scenes.colour[i, k])]]).float()
+            lo, hi = data.SHADE_BRIGHTNESS
+            bound = ref * max(1 - lo, hi - 1) + data.SHADE_CHANNEL + 1
+            assert ((rgb - ref).abs() <= bound).all(), (i, k, rgb, ref)
+    # Background pixels are not any object's.
+    bg = ~scenes.masks.any(1)
+    assert bg.float().mean() > 0.6
 
 
-def test_every_attribute_value_occurs():
-    s = data.generate(2000, seed=0)
-    for name, vocab in data.ATTRIBUTES.items():
-        values = getattr(s, name)[:, 0]
-        assert set(values.tolist()) == set(range(len(vocab))), name
-    assert set(s.background.tolist()) == set(range(len(data.BACKGROUNDS)))
-    assert set(s.size[:, 0].tolist()) == {0, 1}
+def test_edges_are_the_inner_boundary_of_the_masks(scenes):
+    labels = (scenes.masks * torch.arange(1, 4).view(1, 3, 1, 1)).sum(1).to(torch.uint8)
+    assert torch.equal(data.edge_map(labels)[:, None], scenes.edges)
+    assert (scenes.edges & ~scenes.masks.any(1, keepdim=True)).sum() == 0
 
 
-def test_two_object_scenes_do_not_overlap(scenes):
-    two = scenes.n_objects == 2
-    assert two.any()
-    p = scenes.position[two]
-    assert (p[:, 0] != p[:, 1]).all()
-    assert (p < 4).all(), "two-object scenes use the four corners only"
-
-
-def test_edges_lie_on_shape_boundaries(scenes):
-    images = scenes.images.long()
-    for i in range(100):
-        edge = scenes.edges[i, 0]
-        assert edge.any()
-        img = images[i]
-        ys, xs = edge.nonzero(as_tuple=True)
-        bg = torch.tensor(data.BACKGROUND_RGB[data.BACKGROUNDS[int(scenes.background[i])]])
-        for y, x in zip(ys.tolist(), xs.tolist()):
-            here = img[:, y, x]
-            assert not torch.equal(here, bg), "an edge pixel lies on the background"
-            neighbours = [(y + dy, x + dx) for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0))]
-            outside = [(a, b) for a, b in neighbours if not (0 <= a < 64 and 0 <= b < 64) or not torch.equal(img[:, a, b], here)]
-            assert outside, "an edge pixel has no neighbour outside its shape"
-        # and every boundary pixel of the drawn shapes is an edge
-        fg = (img != bg[:, None, None]).any(0)
-        inner = fg.clone()
-        inner[1:-1, 1:-1] &= fg[:-2, 1:-1] & fg[2:, 1:-1] & fg[1:-1, :-2] & fg[1:-1, 2:]
-        inner[0, :] = inner[-1, :] = inner[:, 0] = inner[:, -1] = False
-        boundary = fg & ~inner
-        assert (boundary & ~edge).sum() == 0
+def test_every_shape_is_drawn_with_a_sensible_area():
+    # Unit shapes at radius 12, no rotation, centred: area between a third of and the full bounding box.
+    shapes = torch.arange(len(data.SHAPES))
+    masks = data.shape_masks(shapes, torch.full((len(shapes), 2), 32.0), torch.full((len(shapes),), 12.0),
+                             torch.zeros(len(shapes)))
+    area = masks.sum((1, 2)).float()
+    assert ((area > 0.2 * 24 * 24) & (area < 24 * 24 * 1.01)).all(), dict(zip(data.SHAPES, area.tolist()))
+    assert len({tuple(m.flatten().nonzero().flatten().tolist()) for m in masks}) == len(shapes)
 
 
 def test_dataset_items():
-    ds = data.ShapesDataset(8, seed=1, split="heldout")
+    ds = data.ShapesDataset(8, seed=2)
     item = ds[3]
     assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
-    assert item["image"].min() >= -1 and item["image"].max() <= 1
-    assert item["edges"].shape == (1, 64, 64)
-    assert item["caption"] == ds.scenes.captions[3]
-    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
-    assert batch["image"].shape == (4, 3, 64, 64) and len(batch["caption"]) == 4
+    assert -1.0 <= item["image"].min() and item["image"].max() <= 1.0
+    assert item["edges"].shape == (1, 64, 64) and item["caption"] == ds.scenes.captions[3]
     with pytest.raises(IndexError):
         ds[8]
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(n=0), "positive integer"),
-    (dict(n=2.5), "positive integer"),
-    (dict(n=4, seed=-1), "non-negative"),
-    (dict(n=4, split="test"), "split must be one of"),
-    (dict(n=4, two_object_fraction=1.5), "two_object_fraction"),
+    (dict(n=0), "positive integer"), (dict(n=2.5), "positive integer"), (dict(n=4, seed=-1), "non-negative"),
+    (dict(n=4, split="test"), "split must be one of"), (dict(n=4, concepts="new"), "concepts must be one of"),
+    (dict(n=4, object_counts=(0.5, 0.5)), "object_counts"), (dict(n=4, object_counts=(0.5, 0.6, 0.1)), "object_counts"),
 ])
 def test_bad_arguments_get_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         data.generate(**kwargs)
 
 
-def test_parse_caption_rejects_foreign_text():
-    with pytest.raises(ValueError, match="not a caption"):
-        data.parse_caption("a photograph of a cat")
+@pytest.mark.parametrize("described, message", [
+    ({"objects": []}, "at least one object"),
+    ({"objects": [{"colour": "red"}]}, "needs a shape"),
+    ({"objects": [{"shape": "circle", "colour": "mauve"}]}, "unknown colour 'mauve'"),
+    ({"objects": [{"shape": "circle", "texture": "furry"}]}, "unknown attribute 'texture'"),
+    ({"objects": [{"shape": "circle"}], "background": "blue"}, "unknown background 'blue'"),
+])
+def test_captions_of_unknown_attributes_are_refused(described, message):
+    with pytest.raises(ValueError, match=message):
+        data.caption(described)
 
 
-def test_vocabulary_covers_every_caption(scenes):
+def test_parse_prompt_ignores_case_punctuation_and_spelling():
+    want = {"objects": [{"size": "small", "colour": "red", "shape": "circle", "position": "centre"}], "background": "grey"}
+    for text in ("a small red circle in the centre on a grey background", "A SMALL RED CIRCLE IN THE CENTER ON A GRAY BACKGROUND!",
+                 "a tiny red circle in the middle, gray background.", "centre: a little red circle on grey"):
+        assert data.parse_prompt(text) == want, text
+
+
+def test_parse_prompt_binds_attributes_to_their_own_object():
+    got = data.parse_prompt("a red circle, small, top left and a big blue square on the right")
+    assert got["objects"] == [{"colour": "red", "shape": "circle", "size": "small", "position": "top left"},
+                              {"size": "large", "colour": "blue", "shape": "square", "position": "right"}]
+    got = data.parse_prompt("bottom left: a green star with a striped yellow hexagon")
+    assert got["objects"] == [{"position": "bottom left", "colour": "green", "shape": "star"},
+                              {"fill": "striped", "colour": "yellow", "shape": "hexagon"}]
+
+
+@pytest.mark.parametrize("text, error, message", [
+    ("", ValueError, "holds no words"), ("  ...  ", ValueError, "holds no words"),
+    ("a red thing", ValueError, "names no shape"), ("a red blue circle", ValueError, "two colours"),
+    (42, TypeError, "a prompt is a string"),
+])
+def test_parse_prompt_errors(text, error, message):
+    with pytest.raises(error, match=message):
+        data.parse_prompt(text)
+
+
+def test_unknown_words_are_named():
+    assert data.unknown_words("a red circel, fluffy and red") == ["circel", "fluffy"]
+    assert data.unknown_words("A Red Circle!") == []
+
+
+def test_template_caption_reads_back():
+    rng = random.Random(0)
+    for _ in range(300):
+        obj = {"shape": rng.choice(data.SHAPES)}
+        for name in ("colour", "size", "position", "fill"):
+            if rng.random() < 0.5:
+                obj[name] = rng.choice(data.ATTRIBUTES[name])
+        d = {"objects": [obj], "background": rng.choice((None,) + data.BACKGROUNDS)}
+        assert data.parse_prompt(data.template_caption(d)) == d
+
+
+def test_vocabulary_covers_every_caption(all_concepts):
     vocab = set(data.caption_vocabulary())
-    for c in scenes.captions:
-        assert set(c.replace(",", " ").split()) <= vocab
+    assert all(set(data.normalise(c)) <= vocab for c in all_concepts.captions)
+    assert math.isclose(sum(data.OBJECT_COUNT_PROBS), 1.0)
