@@ -47,9 +47,15 @@ def main(argv: list[str] | None = None) -> None:
     s = quick_settings() if args.quick else {"data": DataSettings(), **{m: (None, None) for m in MODELS}}
     dc = s["data"]
     t0 = time.time()
+    # The generator's world (CLIP, U-Net, ControlNet) never shows the reserved concepts; the VAE, like SD's, is a
+    # codec for any image and the evaluator a judge of every concept, so they see all of them.
     scenes = data.generate(dc.n_train, seed=dc.seed, split="train")
     heldout = data.generate(dc.n_heldout, seed=dc.seed, split="heldout")
-    print(f"data: {len(scenes)} training and {len(heldout)} held-out scenes in {time.time() - t0:.1f}s")
+    every = ((data.generate(dc.n_train, seed=dc.seed, split="train", concepts="all"),
+              data.generate(dc.n_heldout, seed=dc.seed, split="heldout", concepts="all"))
+             if {"evaluator", "vae"} & set(wanted) else None)
+    print(f"data: {len(scenes)} training and {len(heldout)} held-out scenes (twice: with and without the reserved "
+          f"concepts) in {time.time() - t0:.1f}s")
 
     def settings(name, tdefault, cdefault):
         tc, cfg = s[name]
@@ -63,10 +69,10 @@ def main(argv: list[str] | None = None) -> None:
         t = time.time()
         if name == "evaluator":
             tc, cfg = settings(name, EvaluatorTraining(), EvaluatorConfig())
-            evaluator = train_evaluator(scenes, heldout, tc=tc, config=cfg, **common)
+            evaluator = train_evaluator(*every, tc=tc, config=cfg, **common)
         elif name == "vae":
             tc, cfg = settings(name, VAETraining(), VAEConfig())
-            train_vae(scenes, heldout, tc=tc, config=cfg, evaluator=evaluator, **common)
+            train_vae(*every, tc=tc, config=cfg, evaluator=evaluator, **common)
         elif name == "clip":
             tc, cfg = settings(name, CLIPTraining(), CLIPConfig())
             train_clip(scenes, heldout, tc=tc, config=cfg, **common)

@@ -83,8 +83,6 @@ class UNetTraining:
     ema_decay: float = 0.999  # the shipped weights are an exponential moving average of the trained ones
     eval_captions: int = 64  # held-out one-object captions for the model card's quick adherence check
     snapshot_every: int = 500  # also save the EMA weights every this many steps to runs/unet_snapshots/ (0: never)
-    early_step: int = 1000  # also ship the EMA weights at this step as "unet_early" (0: don't): an under-trained
-    # model whose text conditioning is still weak, so classifier-free guidance visibly matters (lesson 4)
     seed: int = 0
     # The learning rate is constant after warm-up (as in DDPM and SD) and the shipped weights are an
     # EMA, so the snapshot at step N equals the result of a run with steps=N: a run can be cut short.
@@ -438,10 +436,6 @@ def train_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings
             log.add(loss.item())
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            if tc.early_step and step + 1 == tc.early_step < tc.steps:
-                early = dataclasses.replace(tc, steps=step + 1)
-                m = measure(ema)
-                save_model(ema, "unet_early", config, _card(data_cfg, early, log, m, started, device), out_dir)
             if tc.snapshot_every and (step + 1) % tc.snapshot_every == 0 and step + 1 < tc.steps:
                 snap = dataclasses.replace(tc, steps=step + 1)
                 m = measure(ema)
@@ -464,7 +458,7 @@ def quick_settings() -> dict:
                 VAEConfig(block_channels=(8, 8, 8, 8), layers_per_block=1, norm_groups=4)),
         "clip": (CLIPTraining(steps=5, batch_size=16), CLIPConfig(width=32, layers=1, heads=2, embed_dim=16,
                                                                   image_channels=(8, 8, 8, 8))),
-        "unet": (UNetTraining(steps=5, batch_size=8, n_scenes=256, eval_captions=4, snapshot_every=0, early_step=3),
+        "unet": (UNetTraining(steps=5, batch_size=8, n_scenes=256, eval_captions=4, snapshot_every=0),
                  UNetConfig(block_channels=(16, 16), layers_per_block=1, heads=2, context_dim=32,
                             time_embed_dim=32, norm_groups=8, ff_mult=1)),
     }
