@@ -17,6 +17,7 @@ the inference pipeline (tests/test_imports.py checks it).
 
 from __future__ import annotations
 
+import itertools
 
 import torch
 
@@ -71,12 +72,13 @@ def clip_metrics(clip: CLIP, heldout: data.Scenes, device="cpu", batch: int = 64
     """Zero-shot caption retrieval on batches of ``batch`` held-out pairs, and per-attribute zero-shot accuracy.
 
     Retrieval (image -> caption, top-1) is reported two ways: ``strict`` counts only the image's own
-    caption; ``top1`` also accepts a caption that describes the image equally well (another scene
-    with the same objects: the two captions cannot be told apart from the picture).
-    Per-attribute: on one-object scenes, the true caption competes with the captions that change
-    only that attribute (e.g. colour: 5 captions), the way CLIP is used as a zero-shot classifier.
+    caption; ``top1`` also accepts any caption whose every word is true of the image (captions leave
+    attributes out, so "a red circle" fits many one-circle scenes: the picture cannot tell them apart).
+    Per-attribute: on one-object scenes, the caption naming every attribute competes with the captions
+    that change only that attribute (e.g. colour: the 8 training colours), the way CLIP is used as a
+    zero-shot classifier. Values the CLIP never saw in training (``Tokenizer.unknown_words``) are left out.
     """
-    tok = Tokenizer(clip.config.context_length)
+    tok = Tokenizer.from_config(clip.config)
     n = (len(heldout) // batch) * batch
     strict = semantic = t2i = 0
     all_images = heldout.images_float()
@@ -88,18 +90,21 @@ def clip_metrics(clip: CLIP, heldout: data.Scenes, device="cpu", batch: int = 64
         strict += (best == torch.arange(batch)).sum().item()
         t2i += (sims.argmax(dim=0).cpu() == torch.arange(batch)).sum().item()
         for i, j in enumerate(best.tolist()):
-            semantic += _describes(data.parse_caption(caps[j]), heldout.attributes(s + i))
+            semantic += _describes(heldout.described(s + j), heldout.attributes(s + i))
     out = {"retrieval_batch": batch, "n_batches": n // batch, "image_to_text_top1": semantic / n,
            "image_to_text_top1_strict": strict / n, "text_to_image_top1_strict": t2i / n}
     out["per_attribute_zero_shot"] = _attribute_zero_shot(clip, heldout, tok, device)
     return out
 
 
-def _describes(parsed: dict, truth: dict) -> bool:
-    """Does a parsed caption describe a scene exactly (same objects; background if named)?"""
-    key = lambda o: (o["shape"], o["colour"], o["size"], o["position"])  # noqa: E731
-    same_objects = sorted(map(key, parsed["objects"])) == sorted(map(key, truth["objects"]))
-    return same_objects and parsed["background"] in (None, truth["background"])
+def _describes(described: dict, truth: dict) -> bool:
+    """Is everything a caption says (``Scenes.described``) true of a scene (``Scenes.attributes``)? As many
+    objects, each named attribute true of an object of its own, and the background if named."""
+    said, objects = described["objects"], truth["objects"]
+    if len(said) != len(objects) or described["background"] not in (None, truth["background"]):
+        return False
+    return any(all(all(obj[k] == v for k, v in s.items()) for s, obj in zip(said, order))
+               for order in itertools.permutations(objects))
 
 
 @torch.no_grad()
@@ -109,15 +114,14 @@ def _attribute_zero_shot(clip: CLIP, heldout: data.Scenes, tok: Tokenizer, devic
     img = clip.encode_image(images)
     acc = {}
     for name, vocab in data.ATTRIBUTES.items():
+        values = [v for v in vocab if not tok.unknown_words(v)]  # reserved concepts the CLIP never read stay out
         right = 0
         for row, i in enumerate(single):
             truth = heldout.attributes(i)
-            options = []
-            for word in vocab:
-                obj = dict(truth["objects"][0], **{name: word})
-                options.append(data.caption({"objects": [obj], "background": truth["background"]}, (0,), 0))
+            options = [data.template_caption({"objects": [dict(truth["objects"][0], **{name: v})],
+                                              "background": truth["background"]}) for v in values]
             scores = img[row] @ clip.encode_text(tok(options).to(device)).T
-            right += vocab[int(scores.argmax())] == truth["objects"][0][name]
+            right += values[int(scores.argmax())] == truth["objects"][0][name]
         acc[name] = right / len(single)
     return acc
 

@@ -52,7 +52,7 @@ class TinySD:
     def from_models(cls, vae: VAE, clip: CLIP, unet: UNet) -> "TinySD":
         """The pipeline around models already in memory (the training scripts' freshly trained ones),
         with CLIP's tokeniser and SD's noise schedule."""
-        return cls(vae=vae, clip=clip, unet=unet, tokenizer=Tokenizer(clip.config.context_length), schedule=sd_schedule())
+        return cls(vae=vae, clip=clip, unet=unet, tokenizer=Tokenizer.from_config(clip.config), schedule=sd_schedule())
 
     @property
     def device(self) -> torch.device:

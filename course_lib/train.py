@@ -273,9 +273,9 @@ def train_clip(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings
     started = time.time()
     torch.manual_seed(tc.seed)
     g = torch.Generator().manual_seed(tc.seed)
-    tok = Tokenizer(config.context_length)
-    if len(tok) != config.vocab_size:
-        raise ValueError(f"CLIPConfig.vocab_size={config.vocab_size} but the tokeniser has {len(tok)} entries")
+    # The embedding table: one row per BPE token of the training captions, stored in the config (and the card).
+    tok = Tokenizer.from_captions(scenes.captions, config.context_length)
+    config = dataclasses.replace(config, **tok.table())
     ids = tok(scenes.captions)  # (N, L): tokenise once
     model = CLIP(config).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
@@ -322,7 +322,7 @@ def encode_captions(clip: CLIP, captions: list[str], device="cpu", batch_size: i
     Returns (states (U, L, width), index (N,) long, empty (1, L, width)) where ``empty`` encodes "",
     the prompt that caption dropout substitutes and that CFG's unconditional branch uses.
     """
-    tok = Tokenizer(clip.config.context_length)
+    tok = Tokenizer.from_config(clip.config)
     distinct = sorted(set(captions))
     where = {c: i for i, c in enumerate(distinct)}
     states = torch.cat([clip.text(tok(distinct[i:i + batch_size]).to(device)).last_hidden_state

@@ -56,9 +56,10 @@ def token_maps(maps: dict[str, list[torch.Tensor]], batch: int, guided: bool = T
 
 
 def token_labels(tokenizer: Tokenizer, prompt: str) -> list[str]:
-    """One label per token position: the start token, the words, the end token, then padding."""
+    """One label per token position: the start token, the BPE tokens (the word-end mark ``</w>`` left out),
+    the end token, then padding."""
     ids = tokenizer([prompt])[0].tolist()
-    return [tokenizer.vocab[i] for i in ids]
+    return [tokenizer.vocab[i].removesuffix("</w>") for i in ids]
 
 
 def word_kind(token: str) -> str:
