@@ -1,59 +1,230 @@
-"""The evaluator: targets, adherence scoring, and the shipped classifier's accuracy on real scenes."""
+"""The evaluator: pixel targets, reading objects, prompt adherence, and the trained evaluator's accuracy.
+
+Two kinds of test. The first kind needs no trained weights: targets come from the scenes' masks, and an
+*oracle* (an Evaluator whose per-pixel predictions are the true targets) checks how objects are read and
+how prompts are matched, so a failure there is the reading logic's, never the network's. The second kind
+holds the trained evaluator to its bar (>= 97% per attribute on held-out scenes of every concept). It needs
+trained weights: ``weights/evaluator.*`` once they hold this architecture, else ``runs/evaluator_v2/``
+(where ``python -m course_lib.train --only evaluator`` can be pointed); without either it is skipped with
+that message. Training one inside the test would take minutes, and a tiny one would not reach the bar.
+"""
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from course_lib import data
-from course_lib.evaluator import Evaluator, EvaluatorConfig, attribute_accuracy, load_evaluator, prompt_adherence, targets
+from course_lib.evaluator import (HEAD_SIDE, MIN_VISIBLE, Evaluator, EvaluatorConfig, attribute_accuracy,
+                                  load_evaluator, prompt_adherence, slot_labels, targets,
+                                  true_objects, visible_fraction)
+from course_lib.weights import WeightsError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def shipped():
-    return load_evaluator()
+class Oracle(Evaluator):
+    """An evaluator that 'sees' the truth: its per-pixel predictions are the targets of known scenes."""
+
+    def __init__(self, scenes: data.Scenes):
+        super().__init__(EvaluatorConfig(channels=(4, 4, 4), hidden=4))
+        self.scenes = scenes
+
+    def predict(self, images, batch_size=256):
+        rows = [int((self.scenes.images_float() == im).flatten(1).all(1).nonzero()[0]) for im in images]
+        t = targets(self.scenes, torch.tensor(rows))
+        return {"object": t["object"] > 0, "background": t["background"],
+                **{k: t[k].clamp(min=0) for k in ("shape", "colour", "size", "fill", "position")}}
+
+
+def trained_evaluator():
+    for where in (None, ROOT / "runs" / "evaluator_v2"):
+        try:
+            return load_evaluator(where)
+        except (FileNotFoundError, WeightsError):  # absent, or the weights of the earlier architecture
+            continue
+    pytest.skip("needs a trained evaluator: weights/evaluator.* (this architecture) or runs/evaluator_v2/ "
+                "(python -m course_lib.train --only evaluator)")
 
 
 @pytest.fixture(scope="module")
 def heldout():
-    return data.generate(256, seed=5, split="heldout")
+    return data.generate(2000, seed=0, split="heldout", concepts="all")
 
 
-def test_targets_put_each_object_at_its_position():
-    s = data.generate(16, seed=0)
-    t = targets(s)
-    assert t["occupancy"].shape == (16, 5) and t["shape"].shape == (16, 5)
-    assert torch.equal(t["occupancy"].sum(1).long(), s.n_objects)
-    i = 0
-    p = int(s.position[i, 0])
-    assert t["colour"][i, p] == s.colour[i, 0] and t["shape"][i, p] == s.shape[i, 0]
+@pytest.fixture(scope="module")
+def small():
+    return data.generate(64, seed=3, split="heldout", concepts="all")
+
+
+def one_object(shape: str, colour: str, **fixed) -> data.Scenes:
+    """A scene of one object, drawn from the world with its shape and colour (and anything in ``fixed``) set."""
+    attrs = data.sample_attributes(1, seed=11, object_counts=(1.0, 0.0, 0.0))
+    attrs["shape"][0, 0] = data.SHAPES.index(shape)
+    attrs["colour"][0, 0] = data.COLOURS.index(colour)
+    for name, value in fixed.items():
+        attrs[name][0, 0] = data.ATTRIBUTES[name].index(value)
+    return data.scenes_from_attributes(attrs)
+
+
+# --- Targets and reading, with no trained weights. -----------------------------------------------------
+
+def test_targets_label_each_object_pixel_with_its_own_attributes(small):
+    t = targets(small)
+    assert t["object"].shape == (64, HEAD_SIDE, HEAD_SIDE) and t["shape"].dtype == torch.long
+    labels = slot_labels(small.masks)
+    assert torch.equal(t["object"] > 0, labels > 0)
+    assert (t["shape"][labels == 0] == -1).all()  # background pixels carry no attribute
+    for i in range(8):
+        for k in range(int(small.n_objects[i])):
+            here = labels[i] == k + 1
+            for name in ("shape", "colour", "size", "fill", "position"):
+                assert (t[name][i][here] == getattr(small, name)[i, k]).all()
+    # Majority of each 2x2 block: a block fully inside an object is that object's.
+    full = small.masks.view(64, 3, HEAD_SIDE, 2, HEAD_SIDE, 2).all(5).all(3)  # (N, K, 32, 32)
+    for k in range(3):
+        assert (labels[full[:, k]] == k + 1).all()
+
+
+def test_visible_fraction_is_one_for_a_lone_object_and_drops_when_covered(small):
+    vis = visible_fraction(small)
+    lone = small.n_objects == 1
+    inside = (small.centre[:, 0] > 16) & (small.centre[:, 0] < 48)  # away from the border (an edge cut counts as seen)
+    assert torch.allclose(vis[lone & inside.all(1), 0], torch.ones(1), atol=1e-6)
+    assert (vis[small.shape < 0] == 0).all() and (vis <= 1 + 1e-6).all()
+
+
+def test_reading_the_true_pixels_gives_the_true_objects(small):
+    """group_objects on perfect pixel predictions returns exactly the visible objects (the reading logic)."""
+    oracle = Oracle(small)
+    read = oracle.read_attributes(small.images_float())
+    vis = visible_fraction(small)
+    for i, got in enumerate(read):
+        truth = small.attributes(i)
+        assert got["background"] == truth["background"]
+        key = lambda o: tuple(sorted(o.items()))  # noqa: E731
+        for k, obj in enumerate(truth["objects"]):
+            if vis[i, k] >= MIN_VISIBLE:
+                assert key(obj) in {key(o) for o in got["objects"]}, (i, obj, got)
+        assert len(got["objects"]) <= len(truth["objects"])
+    acc = attribute_accuracy(oracle, small.images_float(), small)
+    assert acc["found"] == 1.0 and acc["shape"] == 1.0 and acc["extra_per_image"] == 0.0
 
 
 def test_output_layout_and_input_check():
-    ev = Evaluator(EvaluatorConfig(channels=(8, 8, 8), hidden=16)).eval()
+    ev = Evaluator(EvaluatorConfig(channels=(8, 8, 8), hidden=8)).eval()
     out = ev(torch.zeros(2, 3, 64, 64))
-    assert out["occupancy"].shape == (2, 5) and out["colour"].shape == (2, 5, 5) and out["background"].shape == (2, 2)
+    assert out["object"].shape == (2, 32, 32) and out["colour"].shape == (2, 9, 32, 32)
+    assert out["position"].shape == (2, 9, 32, 32) and out["background"].shape == (2, 3)
+    assert ev.features(torch.zeros(5, 3, 64, 64)).shape == (5, 8)
     with pytest.raises(ValueError, match="64, 64"):
         ev(torch.zeros(2, 3, 32, 32))
     with pytest.raises(ValueError, match="captions"):
         prompt_adherence(torch.zeros(2, 3, 64, 64), ["a small red circle in the centre"], ev)
 
 
-def test_shipped_evaluator_is_at_least_99_percent_per_attribute(shipped, heldout):
-    acc = attribute_accuracy(shipped, heldout.images_float(), heldout)
-    for name in ("occupancy", "shape", "colour", "size", "background"):
-        assert acc[name] >= 0.99, (name, acc)
-    for name, value in shipped.card["metrics"]["heldout_accuracy"].items():
-        if name != "scene":
-            assert value >= 0.99, (name, value)
+# --- Prompt adherence: what it accepts and what it confirms. -------------------------------------------
+
+def test_adherence_accepts_exactly_what_parse_prompt_accepts(small):
+    ev = Evaluator(EvaluatorConfig(channels=(4, 4, 4), hidden=4))
+    image = small.images_float()[:1]
+    texts = ["a red circle", "Top-left: a tiny striped red star!", "two circles on a gray background",
+             "a purple fluffy hexagon", "", "red and blue", "a red blue circle", "!!!", "the sky at night",
+             "a big small square", "a red circle on white and on black"]
+    for text in texts:
+        try:
+            data.parse_prompt(text)
+            parses = True
+        except ValueError:
+            parses = False
+        if parses:
+            assert prompt_adherence(image, [text], ev)["n"] == 1
+        else:
+            with pytest.raises(ValueError, match="caption 0") as err:
+                prompt_adherence(image, [text], ev)
+            assert repr(text) in str(err.value)  # the message names the caption
+    with pytest.raises(ValueError, match="list of strings"):
+        prompt_adherence(image, "a red circle", ev)
+    with pytest.raises(ValueError, match="caption 0"):
+        prompt_adherence(image, [None], ev)
 
 
-def test_adherence_confirms_real_scenes_and_rejects_wrong_captions(shipped, heldout):
+def test_oracle_confirms_every_real_caption_and_rejects_shifted_ones(small):
+    oracle, images = Oracle(small), small.images_float()
+    right = prompt_adherence(images, small.captions, oracle)
+    counted = visible_fraction(small) >= MIN_VISIBLE
+    fully_visible = [i for i in range(len(small)) if counted[i, :int(small.n_objects[i])].all()]
+    assert all(right["confirmed"][i] for i in fully_visible)
+    assert set(right["per_attribute"]) == {"shape", "colour", "size", "position", "fill", "background"}
+    wrong = prompt_adherence(images, small.captions[1:] + small.captions[:1], oracle)
+    assert wrong["adherence"] < 0.3
+    # Binding: two objects with their colours swapped have every colour present but not bound.
+    two = next(i for i in fully_visible if int(small.n_objects[i]) == 2
+               and small.colour[i, 0] != small.colour[i, 1] and small.shape[i, 0] != small.shape[i, 1])
+    a, b = small.attributes(two)["objects"]
+    swapped = data.template_caption({"objects": [{"shape": a["shape"], "colour": b["colour"]},
+                                                 {"shape": b["shape"], "colour": a["colour"]}], "background": None})
+    res = prompt_adherence(images[two:two + 1], [swapped], oracle)
+    assert res["adherence"] == 0.0 and res["binding"] == {"bound": 0.0, "present": 1.0, "n": 1}
+
+
+def test_fewer_named_attributes_are_easier_to_confirm(small):
+    """Per image: confirmed with every attribute named => confirmed with fewer named."""
+    oracle, images = Oracle(small), small.images_float()
+    full = [data.template_caption(small.attributes(i)) for i in range(len(small))]
+    shapes_only = [data.template_caption({"objects": [{"shape": o["shape"]} for o in small.attributes(i)["objects"]],
+                                          "background": None}) for i in range(len(small))]
+    for ev in (oracle, *_trained_if_any()):
+        a, b = prompt_adherence(images, full, ev), prompt_adherence(images, shapes_only, ev)
+        assert all(y for x, y in zip(a["confirmed"], b["confirmed"]) if x)
+        assert b["adherence"] >= a["adherence"]
+
+
+def test_a_red_circle_does_not_confirm_a_blue_circle():
+    scene = one_object("circle", "red", size="large", position="centre")
+    for ev in (Oracle(scene), *_trained_if_any()):
+        image = scene.images_float()
+        assert prompt_adherence(image, ["a red circle"], ev)["confirmed"] == [True]
+        res = prompt_adherence(image, ["a blue circle"], ev)
+        assert res["confirmed"] == [False] and res["per_attribute"]["colour"] == 0.0
+        assert res["per_attribute"]["shape"] == 1.0
+        assert prompt_adherence(image, ["a red square"], ev)["confirmed"] == [False]
+        assert prompt_adherence(image, ["a large red circle in the middle"], ev)["confirmed"] == [True]
+        assert prompt_adherence(image, ["a small red circle"], ev)["confirmed"] == [False]
+
+
+def _trained_if_any():
+    try:
+        return (trained_evaluator(),)
+    except pytest.skip.Exception:
+        return ()
+
+
+# --- The trained evaluator's bar. ---------------------------------------------------------------------
+
+def test_trained_evaluator_reads_held_out_scenes(heldout):
+    ev = trained_evaluator()
     images = heldout.images_float()
-    right = prompt_adherence(images, heldout.captions, shipped)
-    assert right["adherence"] >= 0.97 and right["n"] == 256
-    assert set(right["per_attribute"]) == {"position", "shape", "colour", "size", "background"}
-    wrong = prompt_adherence(images, heldout.captions[1:] + heldout.captions[:1], shipped)  # shifted by one
-    assert wrong["adherence"] < 0.1
-    one = heldout.attributes(0)["objects"][0]
-    other = dict(one, colour=next(c for c in data.COLOURS if c != one["colour"]))
-    res = prompt_adherence(images[:1], [data.caption({"objects": [other], "background": None}, (0,), 0)], shipped)
-    assert res["adherence"] == 0.0 and res["per_attribute"]["colour"] == 0.0
+    acc = attribute_accuracy(ev, images, heldout)
+    print("held-out accuracy:", {k: round(v, 4) for k, v in acc.items()})
+    for name in ("found", "shape", "colour", "size", "position", "fill", "background"):
+        assert acc[name] >= 0.97, (name, acc)
+    own = prompt_adherence(images, heldout.captions, ev)
+    print("adherence to own captions:", own["adherence"], own["per_attribute"], own["binding"])
+    assert own["adherence"] >= 0.97
+    wrong = prompt_adherence(images, heldout.captions[1:] + heldout.captions[:1], ev)
+    assert wrong["adherence"] < 0.3
+
+
+def test_trained_evaluator_knows_the_reserved_concepts():
+    ev = trained_evaluator()
+    for shape, colour in (("heart", "red"), ("moon", "blue"), ("circle", "brown")):
+        scene = one_object(shape, colour, size="large")
+        assert prompt_adherence(scene.images_float(), [f"a {colour} {shape}"], ev)["confirmed"] == [True], (shape, colour)
+
+
+def test_true_objects_mark_mostly_hidden_ones(heldout):
+    objs = true_objects(heldout.select(slice(0, 300)))
+    counted = [o["counted"] for scene in objs for o in scene]
+    assert 0 < counted.count(False) < 0.1 * len(counted)  # overlap hides some, but few
+    assert sum(len(s) for s in objs) == int(heldout.n_objects[:300].sum())
