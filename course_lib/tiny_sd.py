@@ -139,15 +139,11 @@ class TinySD:
 
 
 def load_tiny_sd(device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 weights_dir: str | Path | None = None, unet: Literal["unet", "unet_early"] = "unet") -> TinySD:
-    """Load the shipped VAE, CLIP and U-Net (safetensors + JSON cards; nothing is unpickled).
-
-    ``unet="unet_early"`` swaps in the U-Net of the same training run at 1000 of its 3000 steps:
-    without guidance it follows prompts far less often, which is what lesson 4 needs to show CFG.
-    """
+                 weights_dir: str | Path | None = None) -> TinySD:
+    """Load the shipped VAE, CLIP and U-Net (safetensors + JSON cards; nothing is unpickled)."""
     vae = load_vae(weights_dir, device, dtype)
     clip = load_clip(weights_dir, device, dtype)
-    unet = load_unet(weights_dir, device, dtype, name=unet)
+    unet = load_unet(weights_dir, device, dtype)
     if unet.config.context_dim != clip.config.width:
         raise ValueError(f"the U-Net expects text states of width {unet.config.context_dim} but the text tower "
                          f"gives {clip.config.width}: the weight files come from different training runs")

@@ -30,7 +30,7 @@ from torch import nn
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"  # the shipped weights
 CARD_VERSION = 1
-_TRAIN_COMMAND = {"evaluator": "evaluator", "vae": "vae", "clip": "clip", "unet": "unet", "unet_early": "unet"}
+_TRAIN_COMMAND = {"evaluator": "evaluator", "vae": "vae", "clip": "clip", "unet": "unet"}
 
 
 def retrain_hint(name: str) -> str:
@@ -227,17 +227,11 @@ def load_clip(weights_dir=None, device=None, dtype=None):
     return load_model("clip", CLIPConfig, CLIP, weights_dir, device, dtype)
 
 
-def load_unet(weights_dir=None, device=None, dtype=None, name: str = "unet"):
-    """The course's trained conditional U-Net (``weights/unet.*``).
-
-    ``name="unet_early"`` loads the same training run stopped at 1000 steps: its text conditioning
-    is still weak, so it shows what classifier-free guidance is for (lesson 4).
-    """
+def load_unet(weights_dir=None, device=None, dtype=None):
+    """The course's trained conditional U-Net (``weights/unet.*``)."""
     from .unet import UNet, UNetConfig
 
-    if name not in ("unet", "unet_early"):
-        raise ValueError(f"name must be 'unet' or 'unet_early', got {name!r}")
-    return load_model(name, UNetConfig, UNet, weights_dir, device, dtype)
+    return load_model("unet", UNetConfig, UNet, weights_dir, device, dtype)
 
 # The evaluator's and the ControlNet's loaders live beside their models: evaluator.load_evaluator,
 # controlnet.load_controlnet.

@@ -74,10 +74,9 @@ def test_a_diffusers_model_runs_in_the_course_code_and_comes_back_unchanged():
     assert same_state(W.unet_to_diffusers(course), theirs)
 
 
-@pytest.mark.parametrize("weights", ["unet", "unet_early"])
 @torch.no_grad()
-def test_shipped_weights_same_eps_with_text_states(shipped, weights):
-    unet = shipped.unet if weights == "unet" else load_tiny_sd(unet="unet_early").unet.eval()
+def test_shipped_weights_same_eps_with_text_states(shipped):
+    unet = shipped.unet
     ours = W.unet_to_diffusers(unet)
     ctx = shipped.encode_prompt(["a red circle on a blue background", "two green squares", ""])  # (3, L, 128)
     x, t, _ = inputs(128, seed=5)

@@ -104,7 +104,7 @@ def test_card_of_another_model_is_refused(saved):
 
 
 def test_shipped_weights_are_small_and_load():
-    names = ("vae", "clip", "unet", "unet_early", "evaluator")
+    names = ("vae", "clip", "unet", "evaluator")
     total = sum((WEIGHTS_DIR / f"{n}.safetensors").stat().st_size for n in names)
     assert total <= 30 * 2**20
     for loader in (load_vae, load_clip, load_unet, load_evaluator):
