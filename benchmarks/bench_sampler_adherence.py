@@ -3,7 +3,6 @@
     .venv/bin/python benchmarks/bench_sampler_adherence.py            # full grid (minutes on 2 CPU cores)
     .venv/bin/python benchmarks/bench_sampler_adherence.py --quick    # a smoke run
     .venv/bin/python benchmarks/bench_sampler_adherence.py --spacing leading   # SD 1.x's spacing
-    .venv/bin/python benchmarks/bench_sampler_adherence.py --unet unet_early   # a U-Net that needs guidance
 
 For every sampler, guidance scale and step count (1 to 50) it generates the same held-out prompts
 from the same starting noise and scores the images with the course's evaluator (prompt adherence:
@@ -41,13 +40,13 @@ SCALES = [1.0, 3.0, 5.0, 7.5]
 WITHIN = 0.02  # "within 2 points" of the 50-step adherence
 
 
-def load_or_exit(device, unet="unet"):
+def load_or_exit(device):
     """The tiny SD pipeline, its evaluator and the adherence function, or a clear exit."""
     from course_lib.evaluator import load_evaluator, prompt_adherence
     from course_lib.tiny_sd import load_tiny_sd
 
     try:
-        pipe = load_tiny_sd(device=device, unet=unet)
+        pipe = load_tiny_sd(device=device)
         evaluator = load_evaluator(device=device)
     except (FileNotFoundError, OSError, ValueError, KeyError) as err:
         raise SystemExit(f"the tiny SD weights could not be loaded ({type(err).__name__}: {err}). "
@@ -103,18 +102,16 @@ def main(argv=None) -> int:
     p.add_argument("--steps", nargs="+", type=int, default=STEPS)
     p.add_argument("--scales", nargs="+", type=float, default=SCALES)
     p.add_argument("--prompts", type=int, default=128, help="held-out prompts per setting")
-    p.add_argument("--two-object-fraction", type=float, default=0.0,
-                   help="share of two-object prompts (default 0: the tiny model fails two-object binding at any "
-                        "step count, which would blur the step-count comparison)")
-    p.add_argument("--unet", choices=["unet", "unet_early"], default="unet",
-                   help="unet_early: the same run at 1000 of 3000 steps, which needs guidance far more")
+    p.add_argument("--objects", type=int, choices=[1, 2, 3], default=1,
+                   help="objects per prompt (default 1: binding failures of several objects would blur the "
+                        "step-count comparison)")
     p.add_argument("--spacing", choices=["trailing", "leading", "linspace"], default="trailing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: $COURSE_DEVICE, else the best available)")
     p.add_argument("--write-assets", action="store_true", help="write the README's figures into assets/")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 by default: on a busy 2-core machine more threads wait on each other")
-    p.add_argument("--out", default=None, help="output folder (default: artifacts/bench_sampler_adherence[_early]; "
+    p.add_argument("--out", default=None, help="output folder (default: artifacts/bench_sampler_adherence; "
                    "assets/..., the README's figures, with --write-assets)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 16 prompts, steps 1 5 20 50, scales 1 and 5 (unless given)")
@@ -125,7 +122,7 @@ def main(argv=None) -> int:
         args.scales = [1.0, 5.0] if args.scales == p.get_default("scales") else args.scales
     if args.out is None:
         args.out = (ROOT / ("assets" if args.write_assets and not args.quick else "artifacts")
-                    / ("bench_sampler_adherence" + ("_early" if args.unet == "unet_early" else "")))
+                    / "bench_sampler_adherence")
     args.device = str(get_device(args.device))
     steps = sorted(set(args.steps))
     if steps[0] < 1 or steps[-1] > 1000:
@@ -133,11 +130,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    if not 0.0 <= args.two_object_fraction <= 1.0:
-        raise SystemExit("--two-object-fraction must lie in [0, 1]")
-    pipe, evaluator, adherence_fn = load_or_exit(args.device, args.unet)
-    prompts = data.generate(args.prompts, seed=args.seed, split="heldout",
-                            two_object_fraction=args.two_object_fraction).captions
+    pipe, evaluator, adherence_fn = load_or_exit(args.device)
+    counts = tuple(1.0 if k == args.objects else 0.0 for k in (1, 2, 3))
+    prompts = data.generate(args.prompts, seed=args.seed, split="heldout", object_counts=counts).captions
     results: dict = {name: {} for name in args.samplers}
     start = time.perf_counter()
     for name in args.samplers:
@@ -150,7 +145,7 @@ def main(argv=None) -> int:
             print(f"{name:<16} scale {scale:<4} " + " ".join(f"{100 * a:5.1f}" for a in row), flush=True)
 
     print(f"\nadherence (%) by steps {steps}, {len(prompts)} held-out prompts "
-          f"({100 * args.two_object_fraction:.0f}% two-object), {args.unet}, spacing {args.spacing}, "
+          f"({args.objects} object(s) each), spacing {args.spacing}, "
           f"{time.perf_counter() - start:.0f} s")
     head = f"{'sampler':<16}" + "".join(f"{'w=' + str(s):>10}" for s in args.scales)
     print(f"\nsteps to come within {100 * WITHIN:.0f} points of the sampler's own {steps[-1]}-step adherence")
@@ -164,7 +159,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "adherence.json").write_text(json.dumps(
         {"steps": steps, "scales": args.scales, "spacing": args.spacing, "prompts": len(prompts),
-         "two_object_fraction": args.two_object_fraction, "unet": args.unet,
+         "objects": args.objects,
          "adherence": results, "steps_to_within_2_points": summary}, indent=2))
     with open(out / "adherence.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -174,7 +169,7 @@ def main(argv=None) -> int:
                 for n, a in zip(steps, results[name][str(s)]):
                     w.writerow([name, s, n, f"{a:.4f}"])
     plot(results, steps, args.scales, args.samplers, out / "adherence.png",
-         f"Tiny SD ({args.unet}, {args.spacing} spacing, {len(prompts)} held-out prompts): adherence against steps")
+         f"Tiny SD ({args.spacing} spacing, {len(prompts)} held-out prompts): adherence against steps")
     print(f"\nwrote {out / 'adherence.json'}, {out / 'adherence.csv'}, {out / 'adherence.png'}")
     return 0
 
