@@ -65,7 +65,7 @@ MIN_VISIBLE = 0.3  # accuracy leaves out objects with less than this fraction of
 @dataclass
 class EvaluatorConfig:
     channels: tuple = (32, 64, 128)  # encoder widths at 32x32, 16x16, 8x8 (each stage halves the side)
-    hidden: int = 48  # decoder width (16x16 and 32x32): what the per-pixel heads read
+    hidden: int = 32  # decoder width (16x16 and 32x32): what the per-pixel heads read
 
     def __post_init__(self):
         self.channels = tuple(self.channels)

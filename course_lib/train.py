@@ -44,8 +44,8 @@ MODELS = ("evaluator", "vae", "clip", "unet", "controlnet")  # in training order
 
 @dataclass
 class EvaluatorTraining:
-    steps: int = 600  # optimiser steps (about 4 minutes on one CPU thread)
-    batch_size: int = 64  # scenes per step; every scene labels 32 x 32 pixels, so few steps suffice
+    steps: int = 500  # optimiser steps (about 6 minutes on one CPU thread of a busy 2-core machine)
+    batch_size: int = 64  # scenes per step (each gives a label to every one of its 32 x 32 head pixels)
     lr: float = 3e-3  # peak AdamW learning rate (cosine decay after a short warm-up)
     noise_std: float = 0.08  # max std of Gaussian noise added to inputs, so noisy generations still read
     blur_sigma: float = 1.0  # max std (pixels) of a Gaussian blur applied to half the inputs: decoded images are soft
