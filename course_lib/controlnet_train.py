@@ -38,7 +38,7 @@ from . import data, edges
 from .clip import CLIP
 from .controlnet import ControlNet, ControlNetConfig
 from .evaluator import load_evaluator
-from .metrics import control_metrics, quick_edge_f1, subset
+from .metrics import control_metrics, quick_edge_f1, subset, unsaid_layout_adherence
 from .schedules import sd_schedule
 from .train import DataSettings, EncodedScenes, LossLog, batches, lr_at, min_snr_loss, optimiser_step
 from .unet import UNet
@@ -139,6 +139,10 @@ def train_controlnet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSe
         evaluator = load_evaluator(out_dir, device=device) if (Path(out_dir) / "evaluator.json").exists() else None
         sub = subset(heldout, tc.eval_scenes)
         metrics = control_metrics(pipe, net, sub, evaluator, batch=tc.eval_scenes)
+        if evaluator is not None:  # prompts without position and size: does the control supply them?
+            layout = unsaid_layout_adherence(pipe, net, sub, evaluator, batch=tc.eval_scenes)
+            metrics["unsaid_layout"] = {row: {k: layout[row][k] for k in ("position", "size", "adherence_to_truth")}
+                                        for row in ("with_control", "without_control")}
         metrics["full_benchmark"] = "benchmarks/bench_controlnet.py --update-card adds the full held-out measurement"
     card = {"data": dataclasses.asdict(data_cfg), "training": dataclasses.asdict(tc), "steps": tc.steps,
             "loss": log.summary(), "metrics": metrics, "wall_time_s": round(time.time() - started, 1),

@@ -6,7 +6,8 @@ every model card; ``benchmarks/`` run the same functions on more scenes.
     VAE         PSNR / SSIM of held-out reconstructions; does the evaluator read the same attributes?
     CLIP        zero-shot caption retrieval and per-attribute zero-shot classification
     U-Net       prompt adherence of generated images (``evaluator.prompt_adherence``)
-    ControlNet  edge F1 between the control and the edges of the generated image, and prompt adherence
+    ControlNet  edge F1 between the control and the edges of the generated image, prompt adherence, and
+                position and size from the control when the prompt leaves them unsaid
 
 Why a module of its own, beside ``evaluator.py``: the evaluator is a model (trained by
 ``course_lib.train``, shipped in ``weights/``), and these functions read the outputs of every model
@@ -18,6 +19,7 @@ the inference pipeline (tests/test_imports.py checks it).
 from __future__ import annotations
 
 import itertools
+import random
 
 import torch
 
@@ -192,3 +194,67 @@ def quick_edge_f1(pipe, controlnet: ControlNet, scenes: data.Scenes, num_steps: 
     images = generate_with_control(pipe, scenes.captions, edges.to_control(scenes.edges), controlnet,
                                    num_steps=num_steps, generator=torch.Generator().manual_seed(seed))
     return edges.edge_f1(edges.canny_edges(images, sigma=EDGE_SIGMA), scenes.edges, EDGE_TOLERANCE)["f1"].mean().item()
+
+
+LAYOUT_ATTRIBUTES = ("position", "size")  # what an edge map shows and a caption can leave unsaid
+
+
+def unsaid_layout_prompts(scenes: data.Scenes, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Prompts that leave each scene's layout to its edge map, and the full truth to score against.
+
+    For every scene: what its caption says (``Scenes.described``) with position and size taken out of
+    every object and the background left unsaid, written in ordinary phrasing (``data.caption``, drawn
+    from ``seed``); and ``data.template_caption`` of everything true of the scene (``Scenes.attributes``).
+    Returns (prompts, truths), one of each per scene.
+    """
+    rng = random.Random(seed)
+    prompts, truths = [], []
+    for i in range(len(scenes)):
+        said = scenes.described(i)
+        unsaid = {"objects": [{k: v for k, v in obj.items() if k not in LAYOUT_ATTRIBUTES} for obj in said["objects"]],
+                  "background": None}
+        prompts.append(data.caption(unsaid, rng))
+        truths.append(data.template_caption(scenes.attributes(i)))
+    return prompts, truths
+
+
+@torch.no_grad()
+def unsaid_layout_adherence(pipe, controlnet: ControlNet, scenes: data.Scenes, evaluator: Evaluator,
+                            num_steps: int = 20, guidance_scale: float = 5.0, seed: int = 0, batch: int = 64,
+                            return_images: bool = False) -> dict:
+    """Does the control decide what the caption leaves unsaid? Generate each scene from a prompt without
+    position and size (``unsaid_layout_prompts``), with the scene's own edge map as control and, from the
+    same noise, without control; score both against the scene's *true* attributes.
+
+    Scores come from ``prompt_adherence(images, truths, evaluator)``: ``per_attribute["position"]`` is the
+    fraction of objects whose best-matching object in the image stands in the true 3 x 3 cell, likewise
+    size. Without control the model can only guess those; with control the edge map says them.
+    Returns {"with_control": {...}, "without_control": {...}, "prompts": [...], "settings": {...}}, each
+    row holding position, size (and every other attribute's) adherence, whole-image adherence to the
+    truth and the edge F1 (Canny, EDGE_TOLERANCE px); with ``return_images`` also "images": {row: tensor}.
+    """
+    prompts, truths = unsaid_layout_prompts(scenes, seed)
+    noise = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    with_c, without = [], []
+    for s in range(0, len(prompts), batch):
+        kw = dict(num_steps=num_steps, guidance_scale=guidance_scale, latents=noise[s:s + batch],
+                  generator=torch.Generator().manual_seed(seed + s))
+        with_c.append(generate_with_control(pipe, prompts[s:s + batch], edges.to_control(scenes.edges[s:s + batch]),
+                                            controlnet, **kw))
+        without.append(pipe.generate(prompts[s:s + batch], **kw))
+    images = {"with_control": torch.cat(with_c), "without_control": torch.cat(without)}
+    out = {}
+    for name, im in images.items():
+        truth = prompt_adherence(im, truths, evaluator)
+        said = prompt_adherence(im, prompts, evaluator)
+        out[name] = {**{a: truth["per_attribute"][a] for a in LAYOUT_ATTRIBUTES},
+                     "per_attribute_vs_truth": truth["per_attribute"], "adherence_to_truth": truth["adherence"],
+                     "adherence_to_prompt": said["adherence"],
+                     "edge_f1_canny": edges.edge_f1(edges.canny_edges(im, sigma=EDGE_SIGMA), scenes.edges,
+                                                    EDGE_TOLERANCE)["f1"].mean().item()}
+    out["prompts"] = prompts
+    out["settings"] = {"n_scenes": len(prompts), "num_steps": num_steps, "sampler": "ddim",
+                       "guidance_scale": guidance_scale, "seed": seed, "conditioning_scale": 1.0}
+    if return_images:
+        out["images"] = images
+    return out
