@@ -55,11 +55,11 @@ GRID_PROMPTS = [
     "a large blue square in the top left",
     "a small striped yellow star on a black background",
     "Green triangle, bottom right.",
-    "a purple hexagon and an orange cross",
+    "a purple ring and an orange cross",
     "a pink circle in the centre, a cyan square on the left and a red star at the top",
 ]
 DIVERSITY_PROMPTS = ["a red circle", "a blue square", "a small yellow star", "a green triangle on the left",
-                     "a large pink hexagon", "an orange cross and a cyan circle"]
+                     "a large pink ring", "an orange cross and a cyan circle"]
 SAMPLERS = ("ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m")
 ATTRS = ("shape", "colour", "size", "position", "fill", "background")
 

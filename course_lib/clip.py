@@ -59,15 +59,15 @@ CLIP_BPE_TEXT_IDS = 49406  # BPE ids 0..49405 are text; 49406 and 49407 are CLIP
 # scenes takes seconds; tests/test_clip.py checks that the captions still give exactly these.
 DEFAULT_BPE_IDS = (
     256, 267, 268, 269, 281, 282, 320, 518, 525, 530, 536, 537, 550, 593, 637, 736, 1145, 1155, 1205, 1253, 1274,
-    1449, 1470, 1493, 1565, 1579, 1601, 1746, 1823, 1901, 2119, 2442, 2528, 2699, 2916, 3360, 3417, 3638, 3694,
-    3999, 4287, 4481, 4734, 4909, 5046, 5253, 5461, 5496, 5591, 5931, 5994, 6148, 7048, 7067, 7117, 7504, 8675,
-    9832, 10709, 11775, 14615, 14901, 16255, 17111, 20802, 22192)
+    1449, 1470, 1493, 1565, 1579, 1601, 1746, 1823, 1901, 2119, 2442, 2528, 2540, 2699, 2916, 3360, 3417, 3638,
+    3694, 3999, 4287, 4481, 4734, 4909, 5046, 5253, 5461, 5496, 5591, 5931, 5994, 6148, 7048, 7067, 7117, 7504,
+    8675, 9832, 10709, 11775, 14615, 17111, 20802, 22192)
 DEFAULT_KNOWN_WORDS = (
     "a", "against", "along", "an", "and", "at", "backdrop", "background", "big", "black", "blue", "bottom",
-    "center", "centre", "circle", "colored", "coloured", "corner", "cross", "cyan", "edge", "gray", "green",
-    "grey", "hexagon", "huge", "in", "large", "left", "little", "lower", "medium", "mid", "middle", "on", "one",
-    "orange", "pink", "plain", "purple", "red", "right", "side", "sized", "small", "solid", "square", "star",
-    "striped", "stripy", "the", "tiny", "top", "triangle", "upper", "white", "with", "yellow")
+    "center", "centre", "circle", "colored", "coloured", "corner", "cross", "cyan", "edge", "gray", "green", "grey",
+    "huge", "in", "large", "left", "little", "lower", "medium", "mid", "middle", "on", "one", "orange", "pink",
+    "plain", "purple", "red", "right", "ring", "side", "sized", "small", "solid", "square", "star", "striped",
+    "stripy", "the", "tiny", "top", "triangle", "upper", "white", "with", "yellow")
 
 
 class UnknownWordsWarning(UserWarning):

@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import Dataset
 
 # --- The vocabulary. An attribute is stored as its index in these tuples. ---------------------------------
-SHAPES = ("circle", "square", "triangle", "hexagon", "star", "cross", "heart", "moon")
+SHAPES = ("circle", "square", "triangle", "ring", "star", "cross", "heart", "moon")
 COLOURS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "brown")
 SIZES = ("small", "medium", "large")
 POSITIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
@@ -65,7 +65,7 @@ OBJECT_COUNT_PROBS = (0.5, 0.35, 0.15)  # one, two, three objects
 GRID = 3  # positions are the cells of a 3 x 3 grid
 CELL = IMAGE_SIZE / GRID
 # Radius (half-extent, pixels) of each size class: gaps between classes keep the words unambiguous.
-SIZE_RANGES = {"small": (4.5, 6.5), "medium": (7.5, 9.5), "large": (10.5, 13.0)}
+SIZE_RANGES = {"small": (5.0, 6.8), "medium": (7.8, 9.8), "large": (10.8, 13.0)}
 CELL_MARGIN = 2.0  # a centre lies at least this far inside its grid cell ...
 EDGE_MARGIN = 6.0  # ... and this far from the image border
 MAX_ROTATION = math.radians(30)  # shapes turn by up to +-30 degrees (a square never becomes a diamond)
@@ -295,8 +295,9 @@ def _inside(name: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if name == "triangle":  # apex up at v = -1, base at v = 0.8
         from_apex = v + 1
         return (from_apex >= 0) & (from_apex <= 1.8) & (u.abs() <= from_apex / 1.8)
-    if name == "hexagon":  # flat top and bottom, circumradius 1
-        return (v.abs() <= math.sqrt(3) / 2) & (math.sqrt(3) * u.abs() + v.abs() <= math.sqrt(3))
+    if name == "ring":  # a disc with a hole: inner radius 0.55
+        d2 = u**2 + v**2
+        return (d2 <= 1) & (d2 >= 0.55**2)
     if name == "star":  # five points, outer radius 1, inner 0.45, one point straight up
         rho, theta = torch.sqrt(u**2 + v**2), torch.atan2(u, -v)  # theta = 0 straight up
         sector = 2 * math.pi / 5
@@ -305,8 +306,8 @@ def _inside(name: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         x, y = rho * torch.cos(a), rho * torch.sin(a)
         px, py = 0.45 * math.cos(math.pi / 5), 0.45 * math.sin(math.pi / 5)  # inner corner
         return (1 - x) * py + (px - 1) * y >= 0  # on the centre's side of the edge (1, 0) -> inner corner
-    if name == "cross":  # a plus sign with arms 0.3 wide
-        return ((u.abs() <= 0.3) & (v.abs() <= 1)) | ((v.abs() <= 0.3) & (u.abs() <= 1))
+    if name == "cross":  # a plus sign with arms 0.7 wide
+        return ((u.abs() <= 0.35) & (v.abs() <= 1)) | ((v.abs() <= 0.35) & (u.abs() <= 1))
     if name == "heart":  # (x^2 + y^2 - 1)^3 - x^2 y^3 <= 0, y up
         x, y = u * 1.15, -v * 1.15 + 0.15
         return (x**2 + y**2 - 1) ** 3 - x**2 * y**3 <= 0

@@ -243,7 +243,7 @@ def novel_outlines() -> dict[str, tuple[torch.Tensor, str]]:
     zigzag = polyline_edges([[(6, 40), (18, 20), (30, 40), (42, 20), (58, 40), (58, 50), (42, 30), (30, 50),
                               (18, 30), (6, 50)]])
     return {"ring": (ring, "a yellow circle"), "letter L": (letter_l, "a blue square"),
-            "letter Z": (letter_z, "a red star"), "zig-zag": (zigzag, "a green hexagon")}
+            "letter Z": (letter_z, "a red star"), "zig-zag": (zigzag, "a green ring")}
 
 
 def photographs() -> dict[str, Callable[[], np.ndarray]]:

@@ -48,11 +48,11 @@ def test_the_stored_default_table_is_the_training_captions_table(training_captio
 
 def test_ids_are_clip_bpe_ids_through_the_compact_table(tok):
     bpe = ClipBPE()
-    ids = tok.encode("a striped cyan hexagon, top-left")
-    assert [tok.bpe_ids[i - 4] for i in ids[1:-1]] == bpe.encode("a striped cyan hexagon, top-left")
+    ids = tok.encode("a striped cyan ring, top-left")
+    assert [tok.bpe_ids[i - 4] for i in ids[1:-1]] == bpe.encode("a striped cyan ring, top-left")
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
     assert tok.vocab[ids[3]] == "cy"  # CLIP's sub-word pieces: "cy" + "an</w>"
-    assert tok.decode(ids) == "a striped cyan hexagon , top - left"
+    assert tok.decode(ids) == "a striped cyan ring , top - left"
     assert tok.decode(tok.encode("A small red circle, top left")) == "a small red circle , top left"
 
 

@@ -198,9 +198,9 @@ def test_parse_prompt_binds_attributes_to_their_own_object():
     got = data.parse_prompt("a red circle, small, top left and a big blue square on the right")
     assert got["objects"] == [{"colour": "red", "shape": "circle", "size": "small", "position": "top left"},
                               {"size": "large", "colour": "blue", "shape": "square", "position": "right"}]
-    got = data.parse_prompt("bottom left: a green star with a striped yellow hexagon")
+    got = data.parse_prompt("bottom left: a green star with a striped yellow ring")
     assert got["objects"] == [{"position": "bottom left", "colour": "green", "shape": "star"},
-                              {"fill": "striped", "colour": "yellow", "shape": "hexagon"}]
+                              {"fill": "striped", "colour": "yellow", "shape": "ring"}]
 
 
 @pytest.mark.parametrize("text, error, message", [
