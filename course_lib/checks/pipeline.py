@@ -153,7 +153,7 @@ SHAPE_CASES = {
     "SD 1.5, 4 images, guidance off": (4, 512, 512, 1.0, {}),
     "SD 2.1 (768 model), 768 px": (1, 768, 768, 7.5, {"text_width": 1024}),
     "SDXL, 2 images, 1024 x 768": (2, 1024, 768, 5.0, {"text_width": 2048}),
-    "tiny SD, 64 px": (8, 64, 64, 5.0, {"text_tokens": 32, "text_width": 128}),
+    "tiny SD, 64 px": (8, 64, 64, 5.0, {"text_tokens": 48, "text_width": 128}),  # clip.CONTEXT_LENGTH tokens
 }
 
 
