@@ -100,7 +100,9 @@ def kid(features_a: torch.Tensor, features_b: torch.Tensor, n_subsets: int = KID
         subset_size: int = KID_SUBSET_SIZE, generator: torch.Generator | None = None) -> tuple[float, float]:
     """Kernel Inception Distance (Binkowski et al. 2018): the unbiased polynomial-kernel MMD^2 on ``n_subsets``
     random subsets of ``min(subset_size, N, M)`` features from each set (drawn without replacement within a
-    subset). Returns (mean, std) over the subsets. Around 0 (possibly negative) for one distribution."""
+    subset). Returns (mean, std) over the subsets. Around 0 (possibly negative) for one distribution.
+    When neither set is larger than ``subset_size``, every subset is the whole set: the std is then 0 and
+    says nothing; pass a smaller ``subset_size`` to see the spread."""
     a, b = _features(features_a, "features_a"), _features(features_b, "features_b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature dimensions differ: {a.shape[1]} and {b.shape[1]}")
@@ -210,3 +212,25 @@ def diversity(images: torch.Tensor, evaluator: Evaluator, prompt: str | None = N
         out["unsaid"][key] = {"bits": bits, "normalised": norm, "n": len(values)}
     return out
 
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m course_lib.fid --weights DIR --out FILE [--n N]``: write the reference statistics of the
+    evaluator in ``DIR`` (default: weights/) and print the real floor at a few set sizes."""
+    import argparse
+
+    from .evaluator import load_evaluator
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--weights", default=None, help="folder holding evaluator.safetensors (default: weights/)")
+    parser.add_argument("--out", required=True, help="where to write the statistics (.safetensors)")
+    parser.add_argument("--n", type=int, default=10_000, help="held-out real scenes to use")
+    args = parser.parse_args(argv)
+    evaluator = load_evaluator(args.weights)
+    print("wrote", save_reference(reference_statistics(evaluator, n=args.n), args.out))
+    for n in (256, 1000):
+        print(f"real floor at n={n}:", real_floor(evaluator, n))
+
+
+if __name__ == "__main__":
+    main()
