@@ -11,7 +11,8 @@ from course_lib.viz.attention import mass_inside, object_mask, token_labels, tok
 from course_tools.checking import ExerciseIncomplete
 from course_lib.checks import CHECKS, attention, check, clip, vae
 from course_lib.clip import CLIP, CLIPConfig, Tokenizer
-from course_lib.viz.clip import attribute_options, binding_preference, binding_swaps, zero_shot_accuracy
+from course_lib.viz.clip import (attribute_options, binding_preference, binding_swaps, swappable, trained_values,
+                                 zero_shot_accuracy)
 from course_lib.schedules import sd_schedule
 from course_lib.vae import VAE, VAEConfig
 from course_lib.viz.vae import (apply_latent_to_rgb, compression_table, latent_to_rgb, snr_db_with_data_std,
@@ -71,10 +72,10 @@ def test_token_maps_average_layers_heads_and_keep_the_conditional_half(tiny_unet
 
 
 def test_object_mask_and_mass_inside():
-    scenes = data.generate(4, seed=0, two_object_fraction=0.0)
+    scenes = data.generate(32, seed=0)  # one to three objects, striped ones, every background and its gradient
     masks = object_mask(scenes.images_float())
-    drawn = (scenes.images_float() - scenes.images_float()[:, :, :1, :1]).abs().amax(1) > 0.3
-    assert torch.equal(masks, drawn)
+    assert torch.equal(masks, scenes.masks.any(dim=1))  # exactly the pixels the objects cover
+    masks = masks[:4]
     uniform = torch.ones(4, 1, 8, 8)
     torch.testing.assert_close(mass_inside(uniform, masks)[:, 0], masks.float().mean((1, 2)), atol=1e-5, rtol=0)
     spot = torch.zeros(4, 1, 8, 8)
@@ -85,28 +86,43 @@ def test_object_mask_and_mass_inside():
 
 def test_token_labels_and_word_kinds():
     labels = token_labels(Tokenizer(), "a large red circle in the top left")
-    assert labels[:5] == ["<|startoftext|>", "a", "large", "red", "circle"] and len(labels) == 32
+    assert labels[:5] == ["<|startoftext|>", "a", "large", "red", "circle"] and len(labels) == 48
     kinds = [word_kind(t) for t in labels[:10]] + [word_kind(labels[-1])]
     assert kinds == ["start", "other word", "size", "colour", "shape", "other word", "other word", "position",
                      "position", "end", "padding"]
+    # CLIP's BPE cuts rarer words into pieces: each piece keeps its word's kind ("an" of "cyan" is also the article)
+    labels = token_labels(Tokenizer(), "A big stripy cyan ring, upper-left, on gray!")
+    assert labels[1:16] == ["a", "big", "stri", "py", "cy", "an", "ring", ",", "upper", "-", "left", ",", "on",
+                            "gray", "!"]
+    assert [word_kind(t) for t in labels[1:16]] == [
+        "other word", "size", "fill", "fill", "colour", "other word", "shape", "other word", "position",
+        "other word", "position", "other word", "other word", "background", "other word"]
 
 
 def test_zero_shot_candidates_and_binding_swaps():
     scenes = data.generate(64, seed=0)
     one = next(i for i in range(64) if int(scenes.n_objects[i]) == 1)
     two = next(i for i in range(64) if int(scenes.n_objects[i]) == 2)
-    values, options = attribute_options(scenes.attributes(one), "colour")
-    assert values == list(data.COLOURS) and len(set(options)) == 5
-    assert all(data.parse_caption(c)["objects"][0]["colour"] == v for v, c in zip(values, options))
+    truth = scenes.attributes(one)
+    values, options = attribute_options(truth, "colour")
+    assert values == list(data.TRAIN_COLOURS) == trained_values("colour") and len(set(options)) == 8
+    assert trained_values("shape") == list(data.TRAIN_SHAPES) and trained_values("position") == list(data.POSITIONS)
+    for v, c in zip(values, options):  # each candidate says everything true of the scene but the colour
+        assert data.parse_prompt(c) == {"objects": [dict(truth["objects"][0], colour=v)], "background": truth["background"]}
+        assert not Tokenizer().unknown_words(c)
+    two = next(i for i in range(64) if swappable(scenes.attributes(i)))
     swaps = binding_swaps(scenes.attributes(two))
-    parsed = {k: data.parse_caption(v)["objects"] for k, v in swaps.items()}
+    parsed = {k: data.parse_prompt(v)["objects"] for k, v in swaps.items()}
+    assert parsed["true"] == scenes.attributes(two)["objects"]
     assert sorted(o["colour"] for o in parsed["true"]) == sorted(o["colour"] for o in parsed["colours swapped"])
-    assert parsed["true"][0]["colour"] == parsed["colours swapped"][1]["colour"]
+    assert parsed["true"][0]["colour"] == parsed["colours swapped"][1]["colour"] != parsed["true"][1]["colour"]
+    assert parsed["true"][0]["position"] == parsed["positions swapped"][1]["position"] != parsed["true"][1]["position"]
+    assert not swappable(scenes.attributes(one))
     with pytest.raises(ValueError):
         attribute_options(scenes.attributes(two), "colour")
     clip = CLIP(CLIPConfig(width=32, layers=1, heads=2, embed_dim=16, image_channels=(8, 8, 8, 8))).eval()
     singles = [i for i in range(64) if int(scenes.n_objects[i]) == 1][:8]
-    pairs = [i for i in range(64) if int(scenes.n_objects[i]) == 2][:8]
+    pairs = [i for i in range(64) if swappable(scenes.attributes(i))][:8]
     assert 0.0 <= zero_shot_accuracy(clip, Tokenizer(), scenes, singles, "shape") <= 1.0
     prefs = binding_preference(clip, Tokenizer(), scenes, pairs)
     assert set(prefs) == {"colours swapped", "positions swapped"}

@@ -147,7 +147,7 @@ def _(run, learner):
 def _(run, learner):
     rng = run.rng(1)
     for n, kw in ((75, {}), (76, {}), (int(rng.integers(80, 200)), {}),
-                  (int(rng.integers(10, 40)), {"context_length": 32, "bos": 1, "eos": 2, "pad": 0}),
+                  (int(rng.integers(10, 60)), {"context_length": 48, "bos": 1, "eos": 2, "pad": 0}),
                   (3, {"pad": 49407})):
         ids = [int(v) for v in rng.integers(300, 49000, size=n)]
         got = run.call(learner.clip_context, ids, **kw, label=f"clip_context(<{n} ids>{''.join(f', {k}={v}' for k, v in kw.items())})")

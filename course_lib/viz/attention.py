@@ -5,10 +5,10 @@ layer's probabilities, one tensor (B, heads, HW, tokens) per layer and sampler s
 
 - ``token_maps``: averages them over heads and layers (each layer's map resized to one grid), one
   map per (step, prompt, token);
-- ``token_labels`` / ``word_kind``: names every token position of a prompt and sorts the words into
-  shape, colour, size, position, other words, and the special tokens;
-- ``object_mask`` and ``mass_inside``: find the drawn object in a generated image (everything that
-  differs from the plain background) and measure how much of a token's attention falls on it;
+- ``token_labels`` / ``word_kind``: names every token position of a prompt (CLIP's BPE tokens) and sorts
+  them into shape, colour, size, position, fill, background, other words, and the special tokens;
+- ``object_mask`` and ``mass_inside``: find the drawn objects in a generated image (everything that
+  differs from the background) and measure how much of a token's attention falls on them;
 - ``overlay``: draw an attention map over the image it produced.
 """
 
@@ -17,12 +17,37 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..clip import EOS, PAD, Tokenizer
-from ..data import COLOURS, POSITIONS, SHAPES, SIZES
+from ..clip import EOS, PAD, Tokenizer, clip_bpe
+from ..data import (BACKGROUND_WORDS, COLOURS, FILL_WORDS, POSITION_WORDS, SHAPES, SIZE_WORDS,
+                    caption_vocabulary, normalise)
 from .plotting import to_uint8
 
-POSITION_WORDS = sorted({w for p in POSITIONS for w in p.split()})
-KINDS = ("shape", "colour", "size", "position", "other word", "start", "end", "padding")
+KINDS = ("shape", "colour", "size", "position", "fill", "background", "other word", "start", "end", "padding")
+
+
+def _word_kinds() -> dict[str, str]:
+    """Every caption word and its kind; then the pieces of words that CLIP's BPE splits ("hex" + "agon" of
+    "hexagon", "stri" + "py" of "stripy"), unless the piece is itself a caption word ("an" of "cyan")."""
+    groups = {"shape": SHAPES, "colour": COLOURS,
+              "size": [w for forms in SIZE_WORDS.values() for f in forms for w in normalise(f)],
+              "position": [w for forms in POSITION_WORDS.values() for f in forms for w in normalise(f)],
+              "fill": [w for forms in FILL_WORDS.values() for w in forms],
+              "background": [w for forms in BACKGROUND_WORDS.values() for w in forms] + ["background", "backdrop"]}
+    kinds = {}
+    for kind, words in groups.items():
+        for w in words:
+            kinds.setdefault(w, kind)  # "medium" is a size, "white" a background colour
+    bpe, vocabulary = clip_bpe(), set(caption_vocabulary())
+    for word, kind in list(kinds.items()):
+        pieces = [bpe.decoder[i].removesuffix("</w>") for i in bpe.encode(word)]
+        if len(pieces) > 1:
+            for piece in pieces:
+                if piece not in vocabulary:
+                    kinds.setdefault(piece, kind)
+    return kinds
+
+
+WORD_KINDS = _word_kinds()
 
 
 def token_maps(maps: dict[str, list[torch.Tensor]], batch: int, guided: bool = True, size: int = 8) -> torch.Tensor:
@@ -63,15 +88,10 @@ def token_labels(tokenizer: Tokenizer, prompt: str) -> list[str]:
 
 
 def word_kind(token: str) -> str:
-    """Which kind of word a token is (one of ``KINDS``)."""
-    if token in SHAPES:
-        return "shape"
-    if token in COLOURS:
-        return "colour"
-    if token in SIZES:
-        return "size"
-    if token in POSITION_WORDS:
-        return "position"
+    """Which kind of word a token (a label of ``token_labels``) is: one of ``KINDS``. A colour word is a
+    background's when it is one of the background words (white, grey, gray, black)."""
+    if token in WORD_KINDS:
+        return WORD_KINDS[token]
     if token == EOS:
         return "end"
     if token == PAD:
@@ -82,10 +102,11 @@ def word_kind(token: str) -> str:
 
 
 def object_mask(images: torch.Tensor, threshold: float = 0.3) -> torch.Tensor:
-    """Pixels that differ from the plain background: (B, H, W) bool.
+    """Pixels that differ from the background: (B, H, W) bool.
 
     The background colour of each image is the median of its border pixels; a pixel belongs to an
-    object when one of its channels differs from it by more than ``threshold`` (images in [-1, 1]).
+    object when one of its channels differs from it by more than ``threshold`` (images in [-1, 1]). The
+    world's backgrounds change by at most 0.2 across one image (their gradient), well under the threshold.
     """
     x = images.float()
     border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=2)  # (B, 3, 4W)
