@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from course_lib import data
+from course_lib.clip import CONTEXT_LENGTH
 from course_lib.evaluator import load_evaluator, prompt_adherence
-from course_lib.tiny_sd import TinySD, load_tiny_sd
+from course_lib.tiny_sd import DEFAULT_GUIDANCE, TinySD, load_tiny_sd
 
 PROMPTS = ["a large red circle in the centre", "small blue square, top left"]
+ONE_OBJECT = (1.0, 0.0, 0.0)  # data.generate(object_counts=...): scenes of exactly one object
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,8 @@ def test_generate_shapes_range_and_latents(pipe):
     assert images.shape == (2, 3, 64, 64) and images.dtype == torch.float32
     assert images.min() >= -1 and images.max() <= 1
     assert latents.shape == (2, 4, 8, 8)
-    assert pipe.encode_prompt(PROMPTS).shape == (2, 32, pipe.clip.config.width)
+    assert pipe.tokenizer.context_length == pipe.clip.config.context_length == CONTEXT_LENGTH
+    assert pipe.encode_prompt(PROMPTS).shape == (2, CONTEXT_LENGTH, pipe.clip.config.width)
 
 
 def test_same_generator_same_images(pipe):
@@ -78,7 +81,7 @@ def test_bad_arguments(pipe):
 def test_spacing_decides_what_one_step_can_do(pipe, evaluator):
     """SD's "leading" spacing puts a 1-step sampler at t = 1: it returns the noise almost as it was.
     "trailing" starts at t = 999 and one DDIM step already lands on a prompt-following image."""
-    captions = data.generate(32, seed=23, split="heldout", two_object_fraction=0.0).captions
+    captions = data.generate(32, seed=23, split="heldout", object_counts=ONE_OBJECT).captions
     visited = {}
     score = {}
     for spacing in ("leading", "trailing"):
@@ -93,18 +96,19 @@ def test_spacing_decides_what_one_step_can_do(pipe, evaluator):
 
 
 def test_shipped_system_follows_prompts(pipe, evaluator):
-    captions = data.generate(48, seed=21, split="heldout", two_object_fraction=0.0).captions
+    captions = data.generate(48, seed=21, split="heldout", object_counts=ONE_OBJECT).captions
     result = prompt_adherence(pipe.generate(captions, num_steps=20, generator=torch.Generator().manual_seed(0)),
                               captions, evaluator)
     assert result["adherence"] >= 0.95, result["per_attribute"]
 
 
-def test_guidance_lifts_the_early_unet(evaluator):
-    early = load_tiny_sd(unet="unet_early")
-    assert early.unet.card["steps"] < load_tiny_sd().unet.card["steps"]
-    captions = data.generate(64, seed=22, split="heldout", two_object_fraction=0.0).captions
-    score = {w: prompt_adherence(early.generate(captions, num_steps=20, guidance_scale=w,
-                                                generator=torch.Generator().manual_seed(0)), captions, evaluator)
-             for w in (1.0, 3.0)}
-    assert score[3.0]["adherence"] >= 0.9
-    assert score[1.0]["adherence"] <= score[3.0]["adherence"] - 0.05
+def test_guidance_lifts_the_shipped_unet(pipe, evaluator):
+    """The world's captions leave most attributes unsaid, so the conditional model alone follows them loosely:
+    guidance at the default scale must add at least 10 points of adherence (benchmarks/bench_tiny_sd.py's bar)."""
+    captions = data.generate(64, seed=22, split="heldout", object_counts=ONE_OBJECT).captions
+    score = {w: prompt_adherence(pipe.generate(captions, num_steps=20, guidance_scale=w,
+                                               generator=torch.Generator().manual_seed(0)), captions, evaluator)
+             for w in (1.0, DEFAULT_GUIDANCE)}
+    assert DEFAULT_GUIDANCE > 1.0
+    assert score[1.0]["adherence"] <= score[DEFAULT_GUIDANCE]["adherence"] - 0.10, (
+        score[1.0]["per_attribute"], score[DEFAULT_GUIDANCE]["per_attribute"])
