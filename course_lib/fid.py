@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from . import data
-from .evaluator import PIXEL_HEADS, Evaluator, entropy_bits, group_objects, match_prompt, parse_captions
+from .evaluator import Evaluator, entropy_bits, match_prompt, parse_captions
 
 REFERENCE_SEED = 0  # held-out scenes of this seed give the reference statistics
 KID_SUBSETS = 100  # as in Binkowski et al. 2018 and torch-fidelity
@@ -195,7 +195,7 @@ def diversity(images: torch.Tensor, evaluator: Evaluator, prompt: str | None = N
         return out
     want = parse_captions([prompt])[0]
     pred = evaluator.predict(images)
-    read = group_objects(pred)
+    read = pred["objects"]
     seen: dict[str, list] = {}
     for i, objs in enumerate(read):
         pick, _ = match_prompt(want["objects"], objs)
@@ -205,7 +205,7 @@ def diversity(images: torch.Tensor, evaluator: Evaluator, prompt: str | None = N
                     seen.setdefault(f"object {k + 1} {name}", []).append(objs[p][name])
         if want["background"] is None:
             seen.setdefault("background", []).append(int(pred["background"][i]))
-    sizes = {**{name: len(v) for name, v in PIXEL_HEADS.items()}, "background": len(data.BACKGROUNDS)}
+    sizes = {**{name: len(v) for name, v in data.ATTRIBUTES.items()}, "background": len(data.BACKGROUNDS)}
     out["unsaid"] = {}
     for key, values in seen.items():
         bits, norm = entropy_bits(values, sizes[key.split(" ")[-1]])

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from . import data
 from .clip import CLIP, CLIPConfig, Tokenizer, contrastive_loss
-from .evaluator import (Evaluator, EvaluatorConfig, attribute_accuracy, load_evaluator, loss_fn, prompt_adherence,
-                        targets)
+from .evaluator import (Evaluator, EvaluatorConfig, attribute_accuracy, crop_loss_fn, crop_targets, load_evaluator,
+                        loss_fn, prompt_adherence, readable_objects, targets)
 from .metrics import clip_metrics, unet_metrics, vae_metrics
 from .schedules import add_noise, sd_schedule
 from .unet import UNet, UNetConfig
@@ -44,11 +44,14 @@ MODELS = ("evaluator", "vae", "clip", "unet", "controlnet")  # in training order
 
 @dataclass
 class EvaluatorTraining:
-    steps: int = 500  # optimiser steps (about 6 minutes on one CPU thread of a busy 2-core machine)
-    batch_size: int = 64  # scenes per step (each gives a label to every one of its 32 x 32 head pixels)
-    lr: float = 3e-3  # peak AdamW learning rate (cosine decay after a short warm-up)
+    steps: int = 800  # stage 1 optimiser steps (object-or-not, colour per cell, background)
+    batch_size: int = 32  # scenes per stage 1 step (each gives a label to every one of its 32 x 32 cells)
+    lr: float = 3e-3  # peak AdamW learning rate of both stages (cosine decay after a short warm-up)
     noise_std: float = 0.08  # max std of Gaussian noise added to inputs, so noisy generations still read
     blur_sigma: float = 1.0  # max std (pixels) of a Gaussian blur applied to half the inputs: decoded images are soft
+    crop_steps: int = 2000  # stage 2 optimiser steps (shape, size, fill, centre offset from object crops)
+    crop_batch_size: int = 64  # objects per stage 2 step, each cropped from its own (augmented) scene
+    crop_jitter: float = 2.0  # the crop centre moves up to this many pixels off the mask's centroid
     seed: int = 0  # initialisation and batch order
 
 
@@ -173,40 +176,71 @@ def random_blur(x: torch.Tensor, max_sigma: float, generator: torch.Generator) -
     return torch.nn.functional.conv2d(padded, kernel, groups=b * 3).reshape(x.shape)  # (B, 3, H, W)
 
 
+def augment(x: torch.Tensor, tc: "EvaluatorTraining", generator: torch.Generator) -> torch.Tensor:
+    """What generators produce: softened edges (``random_blur``) and a little Gaussian noise."""
+    x = random_blur(x, tc.blur_sigma, generator)
+    return x + torch.randn(x.shape, generator=generator) * torch.rand(x.shape[0], 1, 1, 1, generator=generator) * tc.noise_std
+
+
 def train_evaluator(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings = DataSettings(),
                     tc: EvaluatorTraining = EvaluatorTraining(), config: EvaluatorConfig = EvaluatorConfig(),
                     out_dir: str | Path = WEIGHTS_DIR, device="cpu", quiet: bool = False) -> Evaluator:
-    """Train the evaluator to label the pixels of real scenes (``evaluator.targets``: each pixel's object
-    and that object's attributes, from the scenes' masks). ``scenes`` should hold every concept
+    """Train both stages of the evaluator on real scenes. ``scenes`` should hold every concept
     (``data.generate(..., concepts="all")``), so the evaluator also knows the reserved shapes and colour.
-    Card metrics: instance-level held-out accuracy and the adherence of held-out scenes to their own captions."""
+
+    Stage 1 labels the cells of whole images (``evaluator.targets``: object-or-not and colour, from the
+    scenes' masks; the background). Stage 2 reads crops around single objects (``evaluator.crop_targets``:
+    every object with at least ``MIN_VISIBLE`` of its shape visible, its mask degraded as stage 1's groups
+    are). Both see the same blur and noise. Card metrics: instance-level held-out accuracy and the
+    adherence of held-out scenes to their own captions."""
     started, cpu_started = time.time(), time.process_time()
     torch.manual_seed(tc.seed)
     g = torch.Generator().manual_seed(tc.seed)
     model = Evaluator(config).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=1e-4)
+    stage1 = [p for n, p in model.named_parameters() if not n.startswith("reader.")]
+    opt = torch.optim.AdamW(stage1, lr=tc.lr, weight_decay=1e-4)
     log = LossLog()
-    with _bar(tc.steps, "evaluator", quiet) as bar:
+    with _bar(tc.steps, "evaluator stage 1", quiet) as bar:
         for step, idx in enumerate(batches(len(scenes), tc.batch_size, tc.steps, g)):
-            x = random_blur(data.to_float(scenes.images[idx]), tc.blur_sigma, g)
-            # Robustness to what generators produce: softened edges and a little Gaussian noise.
-            x = x + torch.randn(x.shape, generator=g) * torch.rand(x.shape[0], 1, 1, 1, generator=g) * tc.noise_std
+            x = augment(data.to_float(scenes.images[idx]), tc, g)
             loss = loss_fn(model(x.to(device)), {k: v.to(device) for k, v in targets(scenes, idx).items()})
             optimiser_step(opt, loss, lr_at(step, tc.steps, tc.lr))
             log.add(loss.item())
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    readable = readable_objects(scenes)  # (M, 2): scene, slot
+    opt = torch.optim.AdamW(model.reader.parameters(), lr=tc.lr, weight_decay=1e-4)
+    crop_log = LossLog()
+    with _bar(tc.crop_steps, "evaluator stage 2", quiet) as bar:
+        for step, pick in enumerate(batches(len(readable), tc.crop_batch_size, tc.crop_steps, g)):
+            objects = readable[pick]
+            x = augment(data.to_float(scenes.images[objects[:, 0]]), tc, g)
+            crops, tgt = crop_targets(scenes, objects, x, g, jitter=tc.crop_jitter)
+            loss = crop_loss_fn(model.reader(crops.to(device)), {k: v.to(device) for k, v in tgt.items()})
+            optimiser_step(opt, loss, lr_at(step, tc.crop_steps, tc.lr))
+            crop_log.add(loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     model.eval()
     # Wall time depends on what else runs on the machine; CPU time (all threads) is what training cost.
     train_time, train_cpu = round(time.time() - started, 1), round(time.process_time() - cpu_started, 1)
+    metrics = evaluator_metrics(model, heldout, device)
+    metrics.update({"training_time_s": train_time, "training_cpu_time_s": train_cpu,
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                    "parameters_stage2": sum(p.numel() for p in model.reader.parameters())})
+    card = _card(data_cfg, tc, log, metrics, started, device)
+    card["crop_loss"] = crop_log.summary()
+    save_model(model, "evaluator", config, card, out_dir)
+    return model
+
+
+def evaluator_metrics(model: Evaluator, heldout: data.Scenes, device="cpu") -> dict:
+    """The evaluator card's metrics: instance-level accuracy on ``heldout`` and its adherence to its own captions."""
     held = heldout.images_float().to(device)
     adherence = prompt_adherence(held, heldout.captions, model)
-    metrics = {"heldout_accuracy": attribute_accuracy(model, held, heldout),
-               "heldout_adherence_to_own_captions": {k: adherence[k] for k in ("adherence", "per_attribute", "binding")},
-               "n_heldout": len(heldout), "training_time_s": train_time, "training_cpu_time_s": train_cpu,
-               "parameters": sum(p.numel() for p in model.parameters())}
-    save_model(model, "evaluator", config, _card(data_cfg, tc, log, metrics, started, device), out_dir)
-    return model
+    return {"heldout_accuracy": attribute_accuracy(model, held, heldout),
+            "heldout_adherence_to_own_captions": {k: adherence[k] for k in ("adherence", "per_attribute", "binding")},
+            "n_heldout": len(heldout)}
 
 
 # --- 2. The VAE. --------------------------------------------------------------------------------------
@@ -454,7 +488,8 @@ def quick_settings() -> dict:
     """Tiny models and a few steps: for smoke tests and for checking the command works (seconds)."""
     return {
         "data": DataSettings(n_train=512, n_heldout=128),
-        "evaluator": (EvaluatorTraining(steps=5, batch_size=16), EvaluatorConfig(channels=(8, 8, 8), hidden=16)),
+        "evaluator": (EvaluatorTraining(steps=5, batch_size=16, crop_steps=5, crop_batch_size=16),
+                      EvaluatorConfig(channels=(8, 8, 8), hidden=16, crop_channels=(8, 8, 8, 8), crop_hidden=16)),
         "vae": (VAETraining(steps=5, batch_size=8, full_image_steps=2),
                 VAEConfig(block_channels=(8, 8, 8, 8), layers_per_block=1, norm_groups=4)),
         "clip": (CLIPTraining(steps=5, batch_size=16), CLIPConfig(width=32, layers=1, heads=2, embed_dim=16,

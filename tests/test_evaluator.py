@@ -1,12 +1,13 @@
-"""The evaluator: pixel targets, reading objects, prompt adherence, and the trained evaluator's accuracy.
+"""The evaluator: targets, crops, grouping, reading objects, prompt adherence, and the trained evaluator's accuracy.
 
-Two kinds of test. The first kind needs no trained weights: targets come from the scenes' masks, and an
-*oracle* (an Evaluator whose per-pixel predictions are the true targets) checks how objects are read and
-how prompts are matched, so a failure there is the reading logic's, never the network's. The second kind
-holds the trained evaluator to its bar (>= 97% per attribute on held-out scenes of every concept). It needs
-trained weights: ``weights/evaluator.*`` once they hold this architecture, else ``runs/evaluator_v2/``
-(where ``python -m course_lib.train --only evaluator`` can be pointed); without either it is skipped with
-that message. Training one inside the test would take minutes, and a tiny one would not reach the bar.
+Two kinds of test. The first kind needs no trained weights: targets and crops come from the scenes' masks,
+and an *oracle* (an Evaluator whose stage 1 predicts the true cells and whose stage 2 reads the true
+attributes of the object a group covers) checks how objects are grouped and read and how prompts are
+matched, so a failure there is the reading logic's, never the network's. The second kind holds the trained
+evaluator to its bar (>= 97% per attribute on held-out scenes of every concept). It needs trained weights:
+``runs/world2/evaluator.*`` (``python -m course_lib.train --only evaluator --out runs/world2``) or
+``weights/evaluator.*`` once they hold this architecture; without either it is skipped with that message.
+Training one inside the test would take minutes, and a tiny one would not reach the bar.
 """
 
 import math
@@ -16,36 +17,68 @@ import pytest
 import torch
 
 from course_lib import data
-from course_lib.evaluator import (HEAD_SIDE, MIN_VISIBLE, Evaluator, EvaluatorConfig, attribute_accuracy,
-                                  load_evaluator, prompt_adherence, slot_labels, targets,
+from course_lib.evaluator import (CROP, HEAD_SIDE, MIN_VISIBLE, OFFSET_SCALE, Evaluator, EvaluatorConfig,
+                                  attribute_accuracy, crop_targets, group_objects, load_evaluator, make_crops,
+                                  merge_same_objects, prompt_adherence, readable_objects, slot_labels, targets,
                                   true_objects, visible_fraction)
 from course_lib.weights import WeightsError
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = EvaluatorConfig(channels=(4, 4, 4), hidden=4, crop_channels=(4, 4, 4, 4), crop_hidden=4)
 
 
 class Oracle(Evaluator):
-    """An evaluator that 'sees' the truth: its per-pixel predictions are the targets of known scenes."""
+    """An evaluator that 'sees' the truth: stage 1 predicts the true cells of known scenes, stage 2 reads
+    the true attributes (and centre) of the object that most of a group's cells belong to."""
 
     def __init__(self, scenes: data.Scenes):
-        super().__init__(EvaluatorConfig(channels=(4, 4, 4), hidden=4))
+        super().__init__(TINY)
         self.scenes = scenes
+        self.rows = []
 
-    def predict(self, images, batch_size=256):
-        rows = [int((self.scenes.images_float() == im).flatten(1).all(1).nonzero()[0]) for im in images]
-        t = targets(self.scenes, torch.tensor(rows))
-        return {"object": t["object"] > 0, "background": t["background"],
-                **{k: t[k].clamp(min=0) for k in ("shape", "colour", "size", "fill", "position")}}
+    def predict_pixels(self, images, batch_size=256):
+        self.rows = [int((self.scenes.images_float() == im).flatten(1).all(1).nonzero()[0]) for im in images]
+        t = targets(self.scenes, torch.tensor(self.rows))
+        return {"object": t["object"] > 0, "background": t["background"], "colour": t["colour"].clamp(min=0)}
+
+    def read_groups(self, images, groups, batch_size=512):
+        labels = slot_labels(self.scenes.masks[torch.tensor(self.rows)])
+        out = []
+        for b, gs in enumerate(groups):
+            row = self.rows[b]
+            read = []
+            for g in gs:
+                k = int(torch.bincount(labels[b][g["pixels"]], minlength=4)[1:].argmax())
+                truth = self.scenes.attributes(row)["objects"][k]
+                read.append({**g, **{n: truth[n] for n in ("shape", "size", "position", "fill")},
+                             "centre": tuple(self.scenes.centre[row, k].tolist())})
+            out.append(read)
+        return out
+
+
+def touching_same_colour(scenes: data.Scenes) -> torch.Tensor:
+    """(N, K) bool: the object touches (8-neighbour cells) another object of its colour, so that grouping
+    cells by colour joins the two."""
+    labels = slot_labels(scenes.masks)  # (N, 32, 32)
+    cells = torch.stack([labels == k + 1 for k in range(3)], 1)  # (N, K, 32, 32)
+    grown = torch.nn.functional.max_pool2d(cells.float(), 3, 1, 1) > 0
+    out = torch.zeros(scenes.shape.shape, dtype=torch.bool)
+    for k in range(3):
+        for j in range(3):
+            if j != k:
+                same = (scenes.colour[:, k] == scenes.colour[:, j]) & (scenes.shape[:, j] >= 0)
+                out[:, k] |= same & (grown[:, k] & cells[:, j]).flatten(1).any(1)
+    return out
 
 
 def trained_evaluator():
-    for where in (None, ROOT / "runs" / "evaluator_v2"):
+    for where in (ROOT / "runs" / "world2", None):
         try:
             return load_evaluator(where)
         except (FileNotFoundError, WeightsError):  # absent, or the weights of the earlier architecture
             continue
-    pytest.skip("needs a trained evaluator: weights/evaluator.* (this architecture) or runs/evaluator_v2/ "
-                "(python -m course_lib.train --only evaluator)")
+    pytest.skip("needs a trained evaluator: runs/world2/evaluator.* (python -m course_lib.train --only evaluator "
+                "--out runs/world2) or weights/evaluator.* of this architecture")
 
 
 @pytest.fixture(scope="module")
@@ -70,21 +103,71 @@ def one_object(shape: str, colour: str, **fixed) -> data.Scenes:
 
 # --- Targets and reading, with no trained weights. -----------------------------------------------------
 
-def test_targets_label_each_object_pixel_with_its_own_attributes(small):
+def test_targets_label_each_object_pixel_with_its_own_colour(small):
     t = targets(small)
-    assert t["object"].shape == (64, HEAD_SIDE, HEAD_SIDE) and t["shape"].dtype == torch.long
+    assert t["object"].shape == (64, HEAD_SIDE, HEAD_SIDE) and t["colour"].dtype == torch.long
     labels = slot_labels(small.masks)
     assert torch.equal(t["object"] > 0, labels > 0)
-    assert (t["shape"][labels == 0] == -1).all()  # background pixels carry no attribute
+    assert (t["colour"][labels == 0] == -1).all()  # background cells carry no colour
     for i in range(8):
         for k in range(int(small.n_objects[i])):
-            here = labels[i] == k + 1
-            for name in ("shape", "colour", "size", "fill", "position"):
-                assert (t[name][i][here] == getattr(small, name)[i, k]).all()
+            assert (t["colour"][i][labels[i] == k + 1] == small.colour[i, k]).all()
     # Majority of each 2x2 block: a block fully inside an object is that object's.
     full = small.masks.view(64, 3, HEAD_SIDE, 2, HEAD_SIDE, 2).all(5).all(3)  # (N, K, 32, 32)
     for k in range(3):
         assert (labels[full[:, k]] == k + 1).all()
+
+
+def test_crops_are_centred_where_asked_and_padded_by_the_border():
+    images = torch.arange(64.0).view(1, 1, 1, 64).expand(2, 3, 64, 64).clone()  # each pixel holds its x
+    masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+    masks[:, 10, 20] = True
+    crops = make_crops(images, masks, torch.tensor([[20, 10], [2, 60]]))
+    assert crops.shape == (2, 4, CROP, CROP)
+    assert crops[0, 0, 0, CROP // 2] == 20 and crops[0, 3, CROP // 2, CROP // 2] == 1  # the centre pixel is the origin
+    assert crops[0, 3].sum() == 1
+    assert crops[1, 0, 0, 0] == 0 and crops[1, 0, 0, -1] == 2 + CROP // 2 - 1  # left of the image: its border repeated
+    assert crops[1, 3].sum() == 0  # the mask is padded with nothing
+
+
+def test_crop_targets_point_from_the_crop_centre_to_the_true_centre(small):
+    objects = readable_objects(small)
+    assert len(objects) > 0 and (visible_fraction(small)[objects[:, 0], objects[:, 1]] >= MIN_VISIBLE).all()
+    g = torch.Generator().manual_seed(0)
+    crops, tgt = crop_targets(small, objects, small.images_float()[objects[:, 0]], g, jitter=0.0, degrade=False)
+    assert crops.shape == (len(objects), 4, CROP, CROP)
+    for name in ("shape", "size", "fill"):
+        assert torch.equal(tgt[name], getattr(small, name)[objects[:, 0], objects[:, 1]])
+    # Without jitter, the crop centre is the mask's centroid: a pixel or so from the true centre of a whole
+    # symmetric shape (circle, square, ring, star, cross; a triangle's or a moon's centroid lies off its centre).
+    symmetric = torch.tensor([data.SHAPES.index(n) for n in ("circle", "square", "ring", "star", "cross")])
+    lone = ((small.n_objects[objects[:, 0]] == 1) & (visible_fraction(small)[objects[:, 0], objects[:, 1]] > 0.99)
+            & torch.isin(small.shape[objects[:, 0], objects[:, 1]], symmetric))
+    assert lone.any() and (tgt["offset"][lone].abs() * OFFSET_SCALE).max() < 2.5
+    # The mask channel is the object's own cells: the crop centre lies on it for a convex, unhidden shape.
+    for j in lone.nonzero().squeeze(1).tolist():
+        if small.shape[objects[j, 0], objects[j, 1]] in (0, 1):  # circle, square
+            assert crops[j, 3, CROP // 2, CROP // 2] == 1
+    # Degraded masks differ from the plain ones, but never become empty.
+    crops2, _ = crop_targets(small, objects, small.images_float()[objects[:, 0]], g, jitter=2.0, degrade=True)
+    assert (crops2[:, 3].flatten(1).sum(1) > 0).all() and not torch.equal(crops2[:, 3], crops[:, 3])
+
+
+def test_grouping_splits_by_colour_and_connectivity_and_merging_joins_one_object():
+    obj = torch.zeros(1, HEAD_SIDE, HEAD_SIDE, dtype=torch.bool)
+    colour = torch.zeros(1, HEAD_SIDE, HEAD_SIDE, dtype=torch.long)
+    obj[0, 2:6, 2:6] = True  # red block ...
+    obj[0, 2:6, 6:10] = True  # ... touching a blue block
+    colour[0, 2:6, 6:10] = data.COLOURS.index("blue")
+    obj[0, 20:24, 20:24] = True  # a second red block, apart
+    obj[0, 30, 30] = True  # one stray cell: too small
+    groups = group_objects({"object": obj, "colour": colour}, min_pixels=4)[0]
+    assert sorted((g["colour"], int(g["pixels"].sum())) for g in groups) == [("blue", 16), ("red", 16), ("red", 16)]
+    reads = [{**g, "shape": "circle", "size": "small", "position": "top", "fill": "plain"} for g in groups]
+    merged = merge_same_objects([reads])[0]  # the two red groups read as one red circle: one object
+    assert sorted((o["colour"], int(o["pixels"].sum())) for o in merged) == [("blue", 16), ("red", 32)]
+    next(r for r in reads if r["colour"] == "red")["shape"] = "square"  # a red square and a red circle: two objects
+    assert len(merge_same_objects([reads])[0]) == 3
 
 
 def test_visible_fraction_is_one_for_a_lone_object_and_drops_when_covered(small):
@@ -96,30 +179,42 @@ def test_visible_fraction_is_one_for_a_lone_object_and_drops_when_covered(small)
 
 
 def test_reading_the_true_pixels_gives_the_true_objects(small):
-    """group_objects on perfect pixel predictions returns exactly the visible objects (the reading logic)."""
+    """Grouping and merging on perfect stage 1 cells and stage 2 readings return exactly the visible objects
+    (the reading logic), except where two objects of one colour touch: grouping by colour joins them."""
     oracle = Oracle(small)
     read = oracle.read_attributes(small.images_float())
     vis = visible_fraction(small)
+    touching = touching_same_colour(small)
+    joined = 0
     for i, got in enumerate(read):
         truth = small.attributes(i)
         assert got["background"] == truth["background"]
         key = lambda o: tuple(sorted(o.items()))  # noqa: E731
         for k, obj in enumerate(truth["objects"]):
-            if vis[i, k] >= MIN_VISIBLE:
-                assert key(obj) in {key(o) for o in got["objects"]}, (i, obj, got)
+            if vis[i, k] >= MIN_VISIBLE and key(obj) not in {key(o) for o in got["objects"]}:
+                assert touching[i, k], (i, obj, got)  # missed only when joined with a touching object of its colour
+                joined += 1
         assert len(got["objects"]) <= len(truth["objects"])
+    assert joined <= 2  # rare: about one scene in a hundred
     acc = attribute_accuracy(oracle, small.images_float(), small)
-    assert acc["found"] == 1.0 and acc["shape"] == 1.0 and acc["extra_per_image"] == 0.0
+    assert acc["found"] == 1.0 and acc["shape"] >= 0.96 and acc["extra_per_image"] == 0.0
 
 
 def test_output_layout_and_input_check():
-    ev = Evaluator(EvaluatorConfig(channels=(8, 8, 8), hidden=8)).eval()
+    ev = Evaluator(EvaluatorConfig(channels=(8, 8, 8), hidden=8, crop_channels=(4, 4, 4, 4), crop_hidden=8)).eval()
     out = ev(torch.zeros(2, 3, 64, 64))
     assert out["object"].shape == (2, 32, 32) and out["colour"].shape == (2, 9, 32, 32)
-    assert out["position"].shape == (2, 9, 32, 32) and out["background"].shape == (2, 3)
+    assert out["background"].shape == (2, 3) and set(out) == {"object", "colour", "background"}
+    read = ev.reader(torch.zeros(5, 4, CROP, CROP))
+    assert read["shape"].shape == (5, 8) and read["size"].shape == (5, 3) and read["fill"].shape == (5, 2)
+    assert read["offset"].shape == (5, 2)
     assert ev.features(torch.zeros(5, 3, 64, 64)).shape == (5, 8)
+    pred = ev.predict(data.generate(3, seed=1).images_float())
+    assert len(pred["objects"]) == 3 and pred["object"].shape == (3, 32, 32)
     with pytest.raises(ValueError, match="64, 64"):
         ev(torch.zeros(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="crops"):
+        ev.reader(torch.zeros(2, 3, CROP, CROP))
     with pytest.raises(ValueError, match="captions"):
         prompt_adherence(torch.zeros(2, 3, 64, 64), ["a small red circle in the centre"], ev)
 
@@ -127,7 +222,7 @@ def test_output_layout_and_input_check():
 # --- Prompt adherence: what it accepts and what it confirms. -------------------------------------------
 
 def test_adherence_accepts_exactly_what_parse_prompt_accepts(small):
-    ev = Evaluator(EvaluatorConfig(channels=(4, 4, 4), hidden=4))
+    ev = Evaluator(TINY)
     image = small.images_float()[:1]
     texts = ["a red circle", "Top-left: a tiny striped red star!", "two circles on a gray background",
              "a purple fluffy hexagon", "", "red and blue", "a red blue circle", "!!!", "the sky at night",
@@ -153,7 +248,7 @@ def test_adherence_accepts_exactly_what_parse_prompt_accepts(small):
 def test_oracle_confirms_every_real_caption_and_rejects_shifted_ones(small):
     oracle, images = Oracle(small), small.images_float()
     right = prompt_adherence(images, small.captions, oracle)
-    counted = visible_fraction(small) >= MIN_VISIBLE
+    counted = (visible_fraction(small) >= MIN_VISIBLE) & ~touching_same_colour(small)
     fully_visible = [i for i in range(len(small)) if counted[i, :int(small.n_objects[i])].all()]
     assert all(right["confirmed"][i] for i in fully_visible)
     assert set(right["per_attribute"]) == {"shape", "colour", "size", "position", "fill", "background"}
