@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     every = ((data.generate(dc.n_train, seed=dc.seed, split="train", concepts="all"),
               data.generate(dc.n_heldout, seed=dc.seed, split="heldout", concepts="all"))
              if {"evaluator", "vae"} & set(wanted) else None)
-    print(f"data: {len(scenes)} training and {len(heldout)} held-out scenes (twice: with and without the reserved "
-          f"concepts) in {time.time() - t0:.1f}s")
+    twice = " (twice: with and without the reserved concepts)" if every else ""
+    print(f"data: {len(scenes)} training and {len(heldout)} held-out scenes{twice} in {time.time() - t0:.1f}s")
 
     def settings(name, tdefault, cdefault):
         tc, cfg = s[name]
