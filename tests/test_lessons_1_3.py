@@ -108,7 +108,8 @@ def test_zero_shot_candidates_and_binding_swaps():
     assert values == list(data.TRAIN_COLOURS) == trained_values("colour") and len(set(options)) == 8
     assert trained_values("shape") == list(data.TRAIN_SHAPES) and trained_values("position") == list(data.POSITIONS)
     for v, c in zip(values, options):  # each candidate says everything true of the scene but the colour
-        assert data.parse_prompt(c) == {"objects": [dict(truth["objects"][0], colour=v)], "background": truth["background"]}
+        said = {"objects": [dict(truth["objects"][0], colour=v)], "background": truth["background"]}
+        assert data.parse_prompt(c) == said
         assert not Tokenizer().unknown_words(c)
     two = next(i for i in range(64) if swappable(scenes.attributes(i)))
     swaps = binding_swaps(scenes.attributes(two))
