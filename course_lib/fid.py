@@ -5,7 +5,7 @@ whether the images, *as a set*, look like the world's: a generator that draws th
 for every "red circle" prompt scores full adherence and has lost all variety. The field measures that with
 distances between the distribution of generated images and the distribution of real ones, computed on
 the features of a network trained on real images (Inception-v3 for photographs; here the course's
-evaluator, ``Evaluator.features``: its pooled 8 x 8 bottleneck, D = 128 numbers per image).
+evaluator, ``Evaluator.features``: its stage 1 pooled 8 x 8 bottleneck, D = 64 numbers per image).
 
 - ``fid``: the Frechet distance between two Gaussians fitted to the two feature sets (Heusel et al.
   2017, "GANs trained by a two time-scale update rule converge to a local Nash equilibrium"):

@@ -179,7 +179,8 @@ def random_blur(x: torch.Tensor, max_sigma: float, generator: torch.Generator) -
 def augment(x: torch.Tensor, tc: "EvaluatorTraining", generator: torch.Generator) -> torch.Tensor:
     """What generators produce: softened edges (``random_blur``) and a little Gaussian noise."""
     x = random_blur(x, tc.blur_sigma, generator)
-    return x + torch.randn(x.shape, generator=generator) * torch.rand(x.shape[0], 1, 1, 1, generator=generator) * tc.noise_std
+    noise = torch.randn(x.shape, generator=generator)
+    return x + noise * torch.rand(x.shape[0], 1, 1, 1, generator=generator) * tc.noise_std  # each image its own std
 
 
 def train_evaluator(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings = DataSettings(),
