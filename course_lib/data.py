@@ -61,13 +61,13 @@ BACKGROUND_RGB = {"white": (238, 238, 236), "grey": (128, 128, 130), "black": (2
 
 IMAGE_SIZE = 64
 MAX_OBJECTS = 3
-OBJECT_COUNT_PROBS = (0.5, 0.35, 0.15)  # one, two, three objects
+OBJECT_COUNT_PROBS = (0.6, 0.28, 0.12)  # one, two, three objects
 GRID = 3  # positions are the cells of a 3 x 3 grid
 CELL = IMAGE_SIZE / GRID
 # Radius (half-extent, pixels) of each size class: gaps between classes keep the words unambiguous.
-SIZE_RANGES = {"small": (5.0, 6.8), "medium": (7.8, 9.8), "large": (10.8, 13.0)}
+SIZE_RANGES = {"small": (6.5, 8.0), "medium": (9.2, 11.0), "large": (12.2, 14.0)}
 CELL_MARGIN = 2.0  # a centre lies at least this far inside its grid cell ...
-EDGE_MARGIN = 6.0  # ... and this far from the image border
+EDGE_MARGIN = 7.0  # ... and this far from the image border
 MAX_ROTATION = math.radians(30)  # shapes turn by up to +-30 degrees (a square never becomes a diamond)
 SHADE_BRIGHTNESS = (0.85, 1.1)  # each object's colour: base x brightness ...
 SHADE_CHANNEL = 14  # ... + a per-channel offset of up to this much (uint8 units)
@@ -298,16 +298,16 @@ def _inside(name: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if name == "ring":  # a disc with a hole: inner radius 0.55
         d2 = u**2 + v**2
         return (d2 <= 1) & (d2 >= 0.55**2)
-    if name == "star":  # five points, outer radius 1, inner 0.45, one point straight up
+    if name == "star":  # five points, outer radius 1, inner 0.5, one point straight up
         rho, theta = torch.sqrt(u**2 + v**2), torch.atan2(u, -v)  # theta = 0 straight up
         sector = 2 * math.pi / 5
         a = torch.remainder(theta, sector)
         a = torch.minimum(a, sector - a)  # angle from the nearest outer point, in [0, pi/5]
         x, y = rho * torch.cos(a), rho * torch.sin(a)
-        px, py = 0.45 * math.cos(math.pi / 5), 0.45 * math.sin(math.pi / 5)  # inner corner
+        px, py = 0.5 * math.cos(math.pi / 5), 0.5 * math.sin(math.pi / 5)  # inner corner
         return (1 - x) * py + (px - 1) * y >= 0  # on the centre's side of the edge (1, 0) -> inner corner
-    if name == "cross":  # a plus sign with arms 0.7 wide
-        return ((u.abs() <= 0.35) & (v.abs() <= 1)) | ((v.abs() <= 0.35) & (u.abs() <= 1))
+    if name == "cross":  # a plus sign with arms 0.8 wide
+        return ((u.abs() <= 0.4) & (v.abs() <= 1)) | ((v.abs() <= 0.4) & (u.abs() <= 1))
     if name == "heart":  # (x^2 + y^2 - 1)^3 - x^2 y^3 <= 0, y up
         x, y = u * 1.15, -v * 1.15 + 0.15
         return (x**2 + y**2 - 1) ** 3 - x**2 * y**3 <= 0
@@ -579,6 +579,24 @@ def scenes_from_attributes(attrs: dict, described: list[dict] | None = None) -> 
                   **{k: attrs[k] for k in ("shape", "colour", "size", "position", "fill", "background",
                                            "n_objects", "centre", "radius", "rotation")},
                   mentioned=_mentioned(described), captions=captions)
+
+
+def shape_twins(n: int, seed: int = 0, split: Split = "train", concepts: Concepts = "train") -> tuple[Scenes, Scenes]:
+    """``n`` pairs of scenes that differ only in the shape of their first (largest) object: the same colours,
+    sizes, positions, rotations, shades and background, and captions worded alike but for that one shape
+    word. CLIP training puts such pairs in its batches as hard negatives (as NegCLIP does, Yuksekgonul et
+    al. 2023): random batches can be told apart by colour and position alone, so CLIP would learn to ignore
+    shape, and the U-Net, which reads CLIP's text states, would never learn to draw it.
+    """
+    attrs = sample_attributes(n, seed, split, concepts)
+    shapes = _indices(TRAIN_SHAPES if concepts == "train" else SHAPES, SHAPES, "shape")
+    g = torch.Generator().manual_seed(int(seed) * 2 + _SPLIT_STREAM[split] + 1_000_003)
+    first = attrs["shape"][:, 0]
+    where = (first.unsqueeze(1) == shapes.unsqueeze(0)).float().argmax(1)  # index of each first shape in ``shapes``
+    other = shapes[(where + torch.randint(1, len(shapes), (n,), generator=g)) % len(shapes)]  # always a different shape
+    twin = dict(attrs, shape=attrs["shape"].clone())
+    twin["shape"][:, 0] = other
+    return scenes_from_attributes(attrs), scenes_from_attributes(twin)
 
 
 # --- Reading prompts: the inverse of ``caption``, shared by the evaluator and the generation checks ---------

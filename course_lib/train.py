@@ -49,7 +49,7 @@ class EvaluatorTraining:
     lr: float = 3e-3  # peak AdamW learning rate of both stages (cosine decay after a short warm-up)
     noise_std: float = 0.08  # max std of Gaussian noise added to inputs, so noisy generations still read
     blur_sigma: float = 1.0  # max std (pixels) of a Gaussian blur applied to half the inputs: decoded images are soft
-    crop_steps: int = 2000  # stage 2 optimiser steps (shape, size, fill, centre offset from object crops)
+    crop_steps: int = 3000  # stage 2 optimiser steps (shape, size, fill, centre offset from object crops)
     crop_batch_size: int = 64  # objects per stage 2 step, each cropped from its own (augmented) scene
     crop_jitter: float = 2.0  # the crop centre moves up to this many pixels off the mask's centroid
     seed: int = 0  # initialisation and batch order
@@ -72,6 +72,8 @@ class CLIPTraining:
     batch_size: int = 128  # pairs per step: each image's negatives are the other 127 captions
     lr: float = 1e-3  # peak AdamW learning rate
     weight_decay: float = 0.1  # AdamW weight decay, as in CLIP
+    twin_pairs: int = 32  # pairs per batch that differ only in one object's shape (data.shape_twins): hard negatives
+    n_twins: int = 10_000  # such pairs drawn once, before training
     seed: int = 0
 
 
@@ -313,6 +315,12 @@ def train_clip(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings
     tok = Tokenizer.from_captions(scenes.captions, config.context_length)
     config = dataclasses.replace(config, **tok.table())
     ids = tok(scenes.captions)  # (N, L): tokenise once
+    if tc.twin_pairs:
+        if 2 * tc.twin_pairs > tc.batch_size:
+            raise ValueError(f"twin_pairs={tc.twin_pairs} pairs do not fit in a batch of {tc.batch_size}")
+        twins = data.shape_twins(tc.n_twins, seed=data_cfg.seed + 1, split="train")
+        twin_ids = torch.stack([tok(twins[0].captions), tok(twins[1].captions)], 1)  # (P, 2, L)
+        twin_images = torch.stack([twins[0].images, twins[1].images], 1)  # (P, 2, 3, 64, 64)
     model = CLIP(config).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
@@ -320,12 +328,16 @@ def train_clip(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings
                             lr=tc.lr, betas=(0.9, 0.98), eps=1e-6)
     log = LossLog()
     with _bar(tc.steps, "clip", quiet) as bar:
-        for step, idx in enumerate(batches(len(scenes), tc.batch_size, tc.steps, g)):
-            batch_ids = ids[idx]
+        for step, idx in enumerate(batches(len(scenes), tc.batch_size - 2 * tc.twin_pairs, tc.steps, g)):
+            batch_ids, batch_images = ids[idx], scenes.images[idx]
+            if tc.twin_pairs:
+                pairs = torch.randint(0, tc.n_twins, (tc.twin_pairs,), generator=g)
+                batch_ids = torch.cat([batch_ids, twin_ids[pairs].flatten(0, 1)])
+                batch_images = torch.cat([batch_images, twin_images[pairs].flatten(0, 1)])
             # Drop the all-padding columns: with causal attention they cannot change the pooled
             # (end-token) embedding, so the loss is the same and the step is cheaper.
             batch_ids = batch_ids[:, : int((batch_ids != tok.pad_id).sum(1).max())]
-            logits = model(data.to_float(scenes.images[idx]).to(device), batch_ids.to(device))
+            logits = model(data.to_float(batch_images).to(device), batch_ids.to(device))
             loss = contrastive_loss(logits)
             optimiser_step(opt, loss, lr_at(step, tc.steps, tc.lr))
             log.add(loss.item())
@@ -493,7 +505,7 @@ def quick_settings() -> dict:
                       EvaluatorConfig(channels=(8, 8, 8), hidden=16, crop_channels=(8, 8, 8, 8), crop_hidden=16)),
         "vae": (VAETraining(steps=5, batch_size=8, full_image_steps=2),
                 VAEConfig(block_channels=(8, 8, 8, 8), layers_per_block=1, norm_groups=4)),
-        "clip": (CLIPTraining(steps=5, batch_size=16), CLIPConfig(width=32, layers=1, heads=2, embed_dim=16,
+        "clip": (CLIPTraining(steps=5, batch_size=16, twin_pairs=4, n_twins=64), CLIPConfig(width=32, layers=1, heads=2, embed_dim=16,
                                                                   image_channels=(8, 8, 8, 8))),
         "unet": (UNetTraining(steps=5, batch_size=8, n_scenes=256, eval_captions=4, snapshot_every=0),
                  UNetConfig(block_channels=(16, 16), layers_per_block=1, heads=2, context_dim=32,

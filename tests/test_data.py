@@ -233,3 +233,22 @@ def test_vocabulary_covers_every_caption(all_concepts):
     vocab = set(data.caption_vocabulary())
     assert all(set(data.normalise(c)) <= vocab for c in all_concepts.captions)
     assert math.isclose(sum(data.OBJECT_COUNT_PROBS), 1.0)
+
+
+def test_shape_twins_differ_only_in_the_first_objects_shape():
+    a, b = data.shape_twins(64, seed=3)
+    assert (a.shape[:, 0] != b.shape[:, 0]).all()
+    assert (a.shape[:, 1:] == b.shape[:, 1:]).all()
+    assert set(b.shape[:, 0].tolist()) <= {data.SHAPES.index(s) for s in data.TRAIN_SHAPES}
+    for name in ("colour", "size", "position", "fill", "background", "centre", "radius", "rotation"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for i in range(len(a)):
+        wa, wb = data.normalise(a.captions[i]), data.normalise(b.captions[i])
+        changed = [(x, y) for x, y in zip(wa, wb) if x != y]
+        assert len(wa) == len(wb) and len(changed) == 1, (a.captions[i], b.captions[i])
+        assert changed[0] == (data.SHAPES[int(a.shape[i, 0])], data.SHAPES[int(b.shape[i, 0])])
+        pa, pb = data.parse_prompt(a.captions[i]), data.parse_prompt(b.captions[i])
+        assert pa["objects"][1:] == pb["objects"][1:] and pa["background"] == pb["background"]
+    # The pixels differ only where the first object is drawn in either scene.
+    first = a.masks[:, 0] | b.masks[:, 0]
+    assert ((a.images != b.images).any(1) <= first).all()
