@@ -83,7 +83,7 @@ def ceiling(pipe, scenes) -> dict:
 
 def sweep(pipe, net, scenes, evaluator, steps, guidance, seed, values, kind) -> list[dict]:
     """Edge F1 and adherence against conditioning scale (kind="scale") or guidance end (kind="end")."""
-    noise = torch.randn(len(scenes), 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(pipe.latent_shape(len(scenes)), generator=torch.Generator().manual_seed(seed))
     control = edges.to_control(scenes.edges)
     rows = []
     for v in values:
@@ -108,7 +108,7 @@ def novel_controls(pipe, net, steps, guidance, seed, scales=(1.0, 2.0)) -> tuple
     names = list(outlines) + list(PHOTOS)
     prompts = [p for _, p in outlines.values()] + list(PHOTOS.values())
     control = torch.cat([c for c, _ in outlines.values()] + [edges.photo_control(raw[n]) for n in PHOTOS])  # (P, 1, 64, 64)
-    noise = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(pipe.latent_shape(len(prompts)), generator=torch.Generator().manual_seed(seed))
     kw = dict(num_steps=steps, guidance_scale=guidance, latents=noise)
     hand = slice(0, len(outlines))
     without = pipe.generate(prompts, generator=torch.Generator().manual_seed(seed), **kw)
@@ -149,7 +149,7 @@ def combined_controls(pipe, net, steps, guidance, seed) -> tuple[dict, dict]:
         oa, ob = a.attributes(i)["objects"][0], a.attributes(j)["objects"][0]
         prompts.append(data.caption({"objects": [oa, ob], "background": a.attributes(i)["background"]}, seed + k))
     ea, eb = a.edges[ia], a.edges[ib]
-    noise = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(pipe.latent_shape(len(prompts)), generator=torch.Generator().manual_seed(seed))
     im = generate_with_control(pipe, prompts, [edges.to_control(ea), edges.to_control(eb)], [net, net],
                                conditioning_scale=[1.0, 1.0], num_steps=steps, guidance_scale=guidance, latents=noise,
                                generator=torch.Generator().manual_seed(seed))

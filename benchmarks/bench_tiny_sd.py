@@ -66,7 +66,7 @@ ATTRS = ("shape", "colour", "size", "position", "fill", "background")
 
 def generate_all(pipe, captions, scale, steps, sampler="ddim", seed=0, batch=128):
     """Images for every caption; image i always starts from the same noise, whatever the scale or sampler."""
-    noise = torch.randn(len(captions), 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(pipe.latent_shape(len(captions)), generator=torch.Generator().manual_seed(seed))
     out = []
     for s in range(0, len(captions), batch):
         out.append(pipe.generate(captions[s:s + batch], num_steps=steps, guidance_scale=scale, sampler=sampler,

@@ -54,7 +54,7 @@ ENCODER_PARTS = ("time_embedding", "conv_in", "down_blocks", "mid_block")  # wha
 class ControlNetConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)  # the base U-Net's config: the copy has its encoder layout
     conditioning_channels: int = 1  # channels of the control image: 1 for an edge map (diffusers: 3, RGB)
-    conditioning_block_channels: tuple = (8, 8, 16, 32)  # control encoder widths at 64, 32, 16, 8 px (diffusers: (16, 32, 96, 256))
+    conditioning_block_channels: tuple = (8, 16, 32)  # control encoder widths at 64, 32, 16 px: factor 4, the VAE's (diffusers: (16, 32, 96, 256), factor 8)
 
     def __post_init__(self):
         if isinstance(self.unet, dict):  # a model card stores the nested config as a dict
@@ -70,7 +70,7 @@ class ControlNetConfig:
 
     @property
     def downsample_factor(self) -> int:
-        """Control image side / latent side: one stride-2 conv per step between widths (8 for 64 px -> 8 latents)."""
+        """Control image side / latent side: one stride-2 conv per step between widths (4 for 64 px -> 16 latents)."""
         return 2 ** (len(self.conditioning_block_channels) - 1)
 
 
@@ -83,7 +83,7 @@ def zero_conv(channels: int) -> nn.Conv2d:
 
 
 class ConditioningEncoder(nn.Module):
-    """The control image (B, C, 64, 64) -> features (B, block_channels[0] of the U-Net, 8, 8).
+    """The control image (B, C, 64, 64) -> features (B, block_channels[0] of the U-Net, 64 / f, 64 / f).
 
     conv-SiLU, then per width: conv-SiLU and a stride-2 conv-SiLU, then a zero-initialised conv
     (diffusers: ``ControlNetConditioningEmbedding``, with the same parameter names).
@@ -157,7 +157,7 @@ class ControlNet(nn.Module):
         """The residuals for ``unet(sample, timestep, encoder_hidden_states, down, mid)``.
 
         sample (B, 4, h, w) noisy latents; timestep scalar or (B,); encoder_hidden_states (B, L, D);
-        controlnet_cond (B, conditioning_channels, h * f, w * f) control image, f = 8 (an edge map:
+        controlnet_cond (B, conditioning_channels, h * f, w * f) control image, f = ``downsample_factor`` (4; an edge map:
         float, 0 or 1). Returns (down_residuals: one (B, C_k, h_k, w_k) per skip connection, in
         the order the U-Net makes them; mid_residual (B, C_last, h', w') at the middle block's
         resolution), all times ``conditioning_scale``.

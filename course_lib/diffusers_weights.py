@@ -40,7 +40,8 @@ from .vae import VAE, VAEConfig
 KeyMap = dict[str, str]  # course module path -> diffusers module path
 
 COURSE_GROUP_NORM_EPS = 1e-5  # PyTorch's default, used by the U-Net's and ControlNet's GroupNorms (diffusers: 1e-6)
-COURSE_LATENT_SIDE = 8  # the course's latents are 8x8 (64-pixel images): the diffusers models' sample_size
+COURSE_IMAGE_SIDE = 64  # the course's scenes are 64x64 pixels (SD 1.5: 512)
+COURSE_LATENT_SIDE = COURSE_IMAGE_SIDE // VAEConfig().downsample_factor  # 16: the U-Net's sample_size (SD 1.5: 64)
 
 
 # ==============================================================================================
@@ -311,7 +312,7 @@ def vae_diffusers_config(cfg: VAEConfig) -> dict:
         layers_per_block=cfg.layers_per_block,  # 2 (the decoder has one more per level)
         latent_channels=cfg.latent_channels,  # 4
         norm_num_groups=cfg.norm_groups,  # 32
-        sample_size=COURSE_LATENT_SIDE * cfg.downsample_factor,  # image side (512)
+        sample_size=COURSE_IMAGE_SIDE,  # image side (512)
         scaling_factor=cfg.scaling_factor,  # 0.18215
         use_quant_conv=True, use_post_quant_conv=True,  # the 1x1 convs on the moments and on z
         mid_block_add_attention=cfg.mid_attention,  # True

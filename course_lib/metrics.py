@@ -160,7 +160,7 @@ def control_metrics(pipe, controlnet: ControlNet, heldout: data.Scenes, evaluato
     """
     captions = heldout.captions
     control_edges = heldout.edges if controls is None else controls
-    noise = torch.randn(len(captions), 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(pipe.latent_shape(len(captions)), generator=torch.Generator().manual_seed(seed))
     with_c, without = [], []
     for s in range(0, len(captions), batch):
         kw = dict(num_steps=num_steps, guidance_scale=guidance_scale, latents=noise[s:s + batch],
@@ -234,7 +234,7 @@ def unsaid_layout_adherence(pipe, controlnet: ControlNet, scenes: data.Scenes, e
     truth and the edge F1 (Canny, EDGE_TOLERANCE px); with ``return_images`` also "images": {row: tensor}.
     """
     prompts, truths = unsaid_layout_prompts(scenes, seed)
-    noise = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(pipe.latent_shape(len(prompts)), generator=torch.Generator().manual_seed(seed))
     with_c, without = [], []
     for s in range(0, len(prompts), batch):
         kw = dict(num_steps=num_steps, guidance_scale=guidance_scale, latents=noise[s:s + batch],

@@ -4,8 +4,8 @@ Lesson 7 (the complete pipeline) walks through ``TinySD.generate`` step by step 
 diffusers' ``StableDiffusionPipeline.__call__``; they do the same things in the same order:
 
 1. tokenise the prompt and the negative prompt ("" by default) and run the frozen text tower:
-   per-token hidden states (B, 32, 128)                               [encode_prompt]
-2. draw the starting latents x_T ~ N(0, I), shape (B, 4, 8, 8), from an explicit generator
+   per-token hidden states (B, 48, 128)                               [encode_prompt]
+2. draw the starting latents x_T ~ N(0, I), shape (B, 4, 16, 16), from an explicit generator
 3. wrap the U-Net with classifier-free guidance: one batched pass over [uncond, cond]
    per step, eps = eps_u + w (eps_c - eps_u)                          [guidance.guided_model]
 4. run a sampler (DDIM by default, 20 steps of SD's "leading" spacing)     [samplers]
@@ -79,6 +79,11 @@ class TinySD:
         return self.vae.decode(latents / self.vae.config.scaling_factor).clamp(-1, 1)
 
     @torch.no_grad()
+    def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
+        """The shape of ``batch`` starting latents: (batch, 4, 16, 16) for the course's factor-4 VAE."""
+        side = 64 // self.vae.config.downsample_factor
+        return (batch, self.vae.config.latent_channels, side, side)
+
     def generate(self, prompts: str | list[str], num_steps: int = 20, guidance_scale: float | list[float] | torch.Tensor = DEFAULT_GUIDANCE,
                  negative_prompt: str | list[str] | None = None, sampler: str = "ddim",
                  generator: torch.Generator | None = None, callback: Callable | None = None,
@@ -90,7 +95,7 @@ class TinySD:
         more closely; a list or (B,) tensor gives each prompt its own scale. negative_prompt: what guidance steers away from (default "", the
         unconditional prompt). sampler: a key of ``samplers.SAMPLERS``. generator: the source of
         the starting noise (and of the noise stochastic samplers add). latents: start from these
-        (B, 4, 8, 8) instead of drawing noise. callback(i, t, x, x0_pred) runs after every step.
+        (B, 4, 16, 16) instead of drawing noise. callback(i, t, x, x0_pred) runs after every step.
         return_latents=True also returns the final scaled latents. spacing: which timesteps the
         num_steps steps visit ("leading", "trailing" or "linspace", see ``schedules.make_timesteps``);
         None keeps the sampler's own default, SD 1.x's "leading". With 1 or 2 steps "leading" starts
@@ -118,9 +123,7 @@ class TinySD:
             raise ValueError(f"got {b} prompts but {len(negative)} negative prompts")
         cond = self.encode_prompt(prompts)
         uncond = self.encode_prompt(negative) if (scales != 1.0).any() else None
-        c = self.vae.config.latent_channels
-        f = self.vae.config.downsample_factor
-        shape = (b, c, 64 // f, 64 // f)
+        shape = self.latent_shape(b)
         if latents is None:
             g_device = generator.device if generator is not None else torch.device("cpu")
             latents = torch.randn(shape, generator=generator, device=g_device, dtype=torch.float32)

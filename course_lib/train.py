@@ -57,10 +57,10 @@ class EvaluatorTraining:
 
 @dataclass
 class VAETraining:
-    steps: int = 3600  # optimiser steps
+    steps: int = 3000  # optimiser steps
     batch_size: int = 32  # scenes per step
     crop: int = 32  # train on crops of this side around an object (0: whole images); SD's VAE trained on 256 crops
-    full_image_steps: int = 400  # the last steps see whole 64x64 images, as the VAE is used
+    full_image_steps: int = 300  # the last steps see whole 64x64 images, as the VAE is used
     lr: float = 2e-3  # peak AdamW learning rate
     kl_weight: float = 1e-6  # weight of the per-image KL sum; tiny, as in SD (it only stops latents drifting)
     seed: int = 0  # initialisation, batch order and the reparameterisation noise
@@ -354,7 +354,7 @@ def train_clip(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings
 
 @torch.no_grad()
 def encode_scenes(vae: VAE, images_uint8: torch.Tensor, device="cpu", batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every scene, (N, 4, 8, 8) each, computed once before U-Net training."""
+    """Posterior mean and std of every scene, (N, 4, h, w) each, computed once before U-Net training."""
     means, stds = [], []
     for i in range(0, images_uint8.shape[0], batch_size):
         post = vae.encode(data.to_float(images_uint8[i:i + batch_size]).to(device))
@@ -383,7 +383,7 @@ def encode_captions(clip: CLIP, captions: list[str], device="cpu", batch_size: i
 class EncodedScenes:
     """Training scenes encoded once, before a latent-diffusion training loop (U-Net or ControlNet).
 
-    mean, std: the VAE posterior of every scene (N, 4, 8, 8); scale: the VAE's scaling factor;
+    mean, std: the VAE posterior of every scene (N, 4, h, w); scale: the VAE's scaling factor;
     states, caption_index, empty: what ``encode_captions`` returns.
     """
 
@@ -396,7 +396,7 @@ class EncodedScenes:
 
     @classmethod
     def encode(cls, vae: VAE, clip: CLIP, scenes: data.Scenes, n: int, device="cpu") -> "EncodedScenes":
-        mean, std = encode_scenes(vae, scenes.images[:n], device)  # (N, 4, 8, 8) each
+        mean, std = encode_scenes(vae, scenes.images[:n], device)  # (N, 4, h, w) each
         states, caption_index, empty = encode_captions(clip, scenes.captions[:n], device)
         return cls(mean, std, vae.config.scaling_factor, states, caption_index, empty)
 

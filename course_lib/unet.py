@@ -45,9 +45,12 @@ from .attention import Attention
 class UNetConfig:
     in_channels: int = 4  # latent channels of the VAE
     out_channels: int = 4  # predicts noise of the same shape
-    block_channels: tuple = (32, 64)  # channels per resolution (8x8, 4x4); SD 1.5: (320, 640, 1280, 1280)
+    block_channels: tuple = (32, 64, 64)  # channels per resolution (16x16, 8x8, 4x4); SD 1.5: (320, 640, 1280, 1280)
     layers_per_block: int = 1  # ResBlock+Transformer pairs per down block (SD 1.5: 2)
-    attention: tuple = (True, True)  # self+cross attention at each resolution (SD 1.5: all but the lowest)
+    # Self+cross attention at each resolution (SD 1.5: all but the lowest). None (the default): every level but
+    # the first when there are three or more, so none at 16x16 in the course's U-Net: attention over 256
+    # positions would double its step time on a CPU; the 8x8 and 4x4 levels and the middle attend.
+    attention: tuple | None = None
     heads: int = 4  # attention heads (SD 1.5: 8)
     context_dim: int = 128  # width of the text hidden states (= CLIPConfig.width; SD 1.5: 768)
     time_embed_dim: int = 128  # timestep embedding width (SD: 4 * block_channels[0])
@@ -57,6 +60,9 @@ class UNetConfig:
 
     def __post_init__(self):
         self.block_channels = tuple(self.block_channels)
+        n = len(self.block_channels)
+        if self.attention is None:
+            self.attention = (False,) + (True,) * (n - 1) if n >= 3 else (True,) * n
         self.attention = tuple(self.attention)
         if len(self.attention) != len(self.block_channels):
             raise ValueError(f"attention needs one flag per resolution: {len(self.block_channels)} "

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny_pipe():
     torch.manual_seed(0)
     clip = CLIP(CLIPConfig(width=32, layers=1, heads=2, embed_dim=16, image_channels=(8, 8, 8, 8))).eval()
-    vae = VAE(VAEConfig(block_channels=(8, 8, 8, 8), layers_per_block=1, norm_groups=4)).eval()
+    vae = VAE(VAEConfig(block_channels=(8, 8, 8), layers_per_block=1, norm_groups=4)).eval()
     unet = UNet(TINY_UNET).eval().requires_grad_(False)
     return TinySD(vae=vae, clip=clip, unet=unet, tokenizer=Tokenizer(clip.config.context_length), schedule=sd_schedule())
 
@@ -50,7 +50,7 @@ def perturbed(net: ControlNet, seed: int = 0, std: float = 0.1) -> ControlNet:
 
 def _inputs(b=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, 4, 8, 8, generator=g), torch.tensor([999, 500][:b]), torch.randn(b, 5, 32, generator=g),
+    return (torch.randn(b, 4, 16, 16, generator=g), torch.tensor([999, 500][:b]), torch.randn(b, 5, 32, generator=g),
             (torch.rand(b, 1, 64, 64, generator=g) < 0.1).float())
 
 
@@ -76,7 +76,7 @@ def test_at_initialisation_the_unet_output_is_unchanged_bit_for_bit(tiny_pipe):
     net = ControlNet.from_unet(unet).eval()
     x, t, ctx, cond = _inputs()
     down, mid = net(x, t, ctx, cond)
-    assert [tuple(r.shape[1:]) for r in down] == unet.skip_shapes(8, 8) and mid.shape == (2, 16, 4, 4)
+    assert [tuple(r.shape[1:]) for r in down] == unet.skip_shapes(16, 16) and mid.shape == (2, 16, 8, 8)
     assert all(torch.count_nonzero(r) == 0 for r in down + [mid])
     assert torch.equal(unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid),
                        unet(x, t, ctx))

@@ -28,9 +28,9 @@ def scale_sweep(sd, prompts: Sequence[str], scales: Sequence[float], noise: torc
                 sampler: str = "ddim", return_pred_std: bool = False):
     """Final scaled latents for every (scale, prompt) pair, every scale from the same noise.
 
-    sd: a TinySD; noise: (P, 4, 8, 8), one starting latent per prompt, reused at every scale;
+    sd: a TinySD; noise: (P, 4, h, w), one starting latent per prompt, reused at every scale;
     negative_prompt: what guidance steers away from ("" by default), one string or one per prompt.
-    Returns latents (S, P, 4, 8, 8). Scales above 1 run as ONE sampling loop over S' * P samples
+    Returns latents (S, P, 4, h, w). Scales above 1 run as ONE sampling loop over S' * P samples
     (one U-Net pass of batch 2 S' P per step); scale 1 runs the conditional branch alone, as
     ``guided_model`` does. With return_pred_std=True it also returns the standard deviation of
     each sample's guided prediction at every step, (S, num_steps, P).
@@ -59,12 +59,12 @@ def scale_sweep(sd, prompts: Sequence[str], scales: Sequence[float], noise: torc
         log = []
         # one scale per sample: guided_model broadcasts the (S*P,) scales as (S*P, 1, 1, 1)
         model = _recorded(guided_model(sd.unet, cond.repeat(S, 1, 1), uncond.repeat(S, 1, 1), w, guidance_rescale), log)
-        z = sample(sampler, model, x.repeat(S, 1, 1, 1), sd.schedule, num_steps, None, **kw)  # (S*P, 4, 8, 8)
+        z = sample(sampler, model, x.repeat(S, 1, 1, 1), sd.schedule, num_steps, None, **kw)  # (S*P, 4, h, w)
         s_all = torch.stack(log)  # (steps, S*P)
         for k, s in enumerate(guided):
             latents[s] = z[k * P:(k + 1) * P]
             stds[s] = s_all[:, k * P:(k + 1) * P]
-    out = torch.stack([latents[s] for s in scales])  # (S, P, 4, 8, 8)
+    out = torch.stack([latents[s] for s in scales])  # (S, P, 4, h, w)
     if return_pred_std:
         return out, torch.stack([stds[s] for s in scales])  # (S, steps, P)
     return out

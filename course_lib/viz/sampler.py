@@ -36,7 +36,7 @@ def sample_latents(sd, prompts: Sequence[str], noise: torch.Tensor, sampler: str
                    timesteps: torch.Tensor | int = 20, guidance_scale: float = 5.0,
                    generator: torch.Generator | None = None, callback: Callable | None = None,
                    **sampler_kwargs) -> torch.Tensor:
-    """Final scaled latents (B, 4, 8, 8) for `prompts`, from `noise` (B, 4, 8, 8), with any timesteps.
+    """Final scaled latents (B, 4, h, w) for `prompts`, from `noise` (B, 4, h, w), with any timesteps.
 
     The same steps as ``TinySD.generate`` (classifier-free guidance against the empty prompt, one
     batched U-Net pass per step), but `timesteps` may be any decreasing tensor (e.g. from
