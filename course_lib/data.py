@@ -330,7 +330,9 @@ def edge_map(labels: torch.Tensor) -> torch.Tensor:
     return differs & (centre > 0)
 
 
-WINDOW = 32  # each object is drawn in a 32 x 32 window around its centre: it fits (radius 13 x 1.2 < 16)
+# Each object is drawn in a square window around its centre, wide enough for the largest radius: no shape reaches
+# further than 1.2 radii from its centre (a square's corner: 0.85 x sqrt 2). 36 pixels for radius 14.
+WINDOW = 2 * math.ceil(1.2 * max(hi for _, hi in SIZE_RANGES.values())) + 2
 
 
 def render(attrs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

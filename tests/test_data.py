@@ -252,3 +252,15 @@ def test_shape_twins_differ_only_in_the_first_objects_shape():
     # The pixels differ only where the first object is drawn in either scene.
     first = a.masks[:, 0] | b.masks[:, 0]
     assert ((a.images != b.images).any(1) <= first).all()
+
+
+def test_the_largest_objects_are_drawn_whole():
+    """Every shape at the largest radius and the largest turn fits the window it is drawn in."""
+    attrs = data.sample_attributes(2 * len(data.SHAPES), seed=0, concepts="all", object_counts=(1, 0, 0))
+    attrs["shape"][:, 0] = torch.arange(len(data.SHAPES)).repeat(2)
+    attrs["radius"][:, 0] = max(hi for _, hi in data.SIZE_RANGES.values())
+    attrs["rotation"][:, 0] = torch.tensor([data.MAX_ROTATION, -data.MAX_ROTATION]).repeat_interleave(len(data.SHAPES))
+    attrs["centre"][:, 0] = torch.tensor([32.3, 31.6])
+    scenes = data.scenes_from_attributes(attrs)
+    full = data.shape_masks(scenes.shape[:, 0], scenes.centre[:, 0], scenes.radius[:, 0], scenes.rotation[:, 0])
+    assert torch.equal(scenes.masks[:, 0], full)
