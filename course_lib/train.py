@@ -79,7 +79,7 @@ class CLIPTraining:
 
 @dataclass
 class UNetTraining:
-    steps: int = 4000  # optimiser steps
+    steps: int = 8000  # optimiser steps
     batch_size: int = 64  # latents per step
     n_scenes: int = 20_000  # training scenes encoded to latents once, before training (a fresh posterior sample each step)
     lr: float = 2e-3  # peak AdamW learning rate
