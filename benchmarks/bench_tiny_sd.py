@@ -108,7 +108,7 @@ def main(argv=None):
     print("| model | parameters | file | steps | training wall time | threads |")
     print("|---|---:|---:|---:|---:|---:|")
     total = 0
-    from course_lib.weights import load_controlnet  # noqa: E402 (optional model)
+    from course_lib.controlnet import load_controlnet  # noqa: E402 (optional model)
     models = [("evaluator", evaluator), ("vae", pipe.vae), ("clip", pipe.clip), ("unet", pipe.unet)]
     if (weights / "controlnet.json").exists():
         models.append(("controlnet", load_controlnet(weights)))

@@ -79,7 +79,7 @@ class CLIPTraining:
 
 @dataclass
 class UNetTraining:
-    steps: int = 8000  # optimiser steps
+    steps: int = 6000  # optimiser steps
     batch_size: int = 64  # latents per step
     n_scenes: int = 20_000  # training scenes encoded to latents once, before training (a fresh posterior sample each step)
     lr: float = 2e-3  # peak AdamW learning rate
@@ -87,7 +87,7 @@ class UNetTraining:
     min_snr_gamma: float | None = 5.0  # Min-SNR loss weighting (Hang et al. 2023); None: plain MSE as in SD
     ema_decay: float = 0.999  # the shipped weights are an exponential moving average of the trained ones
     eval_captions: int = 64  # held-out one-object captions for the model card's quick adherence check
-    snapshot_every: int = 500  # also save the EMA weights every this many steps to runs/unet_snapshots/ (0: never)
+    snapshot_every: int = 1000  # also save the EMA weights every this many steps to runs/unet_snapshots/ (0: never)
     seed: int = 0
     # The learning rate is constant after warm-up (as in DDPM and SD) and the shipped weights are an
     # EMA, so the snapshot at step N equals the result of a run with steps=N: a run can be cut short.
