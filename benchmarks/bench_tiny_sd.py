@@ -91,6 +91,7 @@ def main(argv=None):
     ap.add_argument("--scales", default="1,1.5,2,3,4,5,7.5,10", help="guidance scales to sweep (1: no guidance)")
     ap.add_argument("--per-prompt", type=int, default=32, help="images per prompt for the diversity measure")
     ap.add_argument("--sampler-steps", default="5,10,50", help="step counts of the sampler comparison")
+    ap.add_argument("--sampler-n", type=int, default=None, help="prompts per sampler, step count and seed (default: --n)")
     ap.add_argument("--skip-samplers", action="store_true", help="skip the sampler comparison (the slowest part)")
     add_run_args(ap, card="unet")
     args = ap.parse_args(argv)
@@ -232,8 +233,11 @@ def main(argv=None):
     # --- 5. Samplers. ---
     if not args.skip_samplers:
         step_counts = [int(s) for s in args.sampler_steps.split(",")]
-        print(f"## 5. Samplers (guidance {best['scale']:g}; FID of {args.n} images against the reference; "
-              f"real floor {fid_floor:.2f}; seeds 0 and 1)\n")
+        n_s = args.sampler_n or args.n
+        prompts_s = mixed[:n_s]
+        floor_s = fid_floor if n_s == args.n else fid.fid_to_reference(floor_feats[:n_s], (reference["mu"], reference["cov"]))
+        print(f"## 5. Samplers (guidance {best['scale']:g}; FID of {n_s} images against the reference; "
+              f"real floor {floor_s:.2f}; seeds 0 and 1)\n")
         print("| steps | " + " | ".join(SAMPLERS) + " | spread between samplers | spread between seeds |")
         print("|---:|" + "---:|" * (len(SAMPLERS) + 2))
         sampler_rows = []
@@ -241,7 +245,7 @@ def main(argv=None):
             per = {}
             for sampler in SAMPLERS:
                 per[sampler] = [fid.fid_to_reference(evaluator.features(
-                    generate_all(pipe, mixed, best["scale"], steps, sampler, seed=args.seed + 10 * s)),
+                    generate_all(pipe, prompts_s, best["scale"], steps, sampler, seed=args.seed + 10 * s)),
                     (reference["mu"], reference["cov"])) for s in (0, 1)]
             means = {k: statistics.mean(v) for k, v in per.items()}
             between = max(means.values()) - min(means.values())
@@ -252,8 +256,9 @@ def main(argv=None):
         few = [r for r in sampler_rows if r["steps"] <= 10]
         many = [r for r in sampler_rows if r["steps"] >= 50]
         results["samplers"] = sampler_rows
+        results["sampler_n"], results["sampler_fid_floor"] = n_s, floor_s
         results["passes"]["samplers_differ_at_few_steps"] = all(r["between_samplers"] > r["between_seeds"] for r in few)
-        results["passes"]["samplers_agree_at_50"] = all(r["between_samplers"] <= 2 * r["between_seeds"] + fid_floor
+        results["passes"]["samplers_agree_at_50"] = all(r["between_samplers"] <= 2 * r["between_seeds"] + floor_s
                                                         for r in many)
         print("\n(at 50 steps \"agree\" means a spread between samplers within twice the seeds' spread plus the real "
               "floor)\n")

@@ -27,7 +27,7 @@ def test_generate_shapes_range_and_latents(pipe):
                                     return_latents=True)
     assert images.shape == (2, 3, 64, 64) and images.dtype == torch.float32
     assert images.min() >= -1 and images.max() <= 1
-    assert latents.shape == (2, 4, 8, 8)
+    assert latents.shape == pipe.latent_shape(2) == (2, 4, 16, 16)  # the factor-4 VAE: 64x64x3 -> 16x16x4
     assert pipe.tokenizer.context_length == pipe.clip.config.context_length == CONTEXT_LENGTH
     assert pipe.encode_prompt(PROMPTS).shape == (2, CONTEXT_LENGTH, pipe.clip.config.width)
 
