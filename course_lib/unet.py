@@ -8,15 +8,18 @@ predicts the noise eps that was added (epsilon prediction, as SD 1.x does):
 The layout follows SD's ``UNet2DConditionModel`` at toy size (diffusers names in brackets)::
 
     t -> sinusoidal embedding -> MLP ................................ [time_proj, time_embedding]
-    x_t (B,4,8,8) -> conv_in (B,32,8,8)
-      down_blocks[0]: (ResBlock + Transformer) x 1, downsample -> (B,32,4,4)   [CrossAttnDownBlock2D]
-      down_blocks[1]: (ResBlock + Transformer) x 1             -> (B,64,4,4)   [CrossAttnDownBlock2D]
-      mid_block:      ResBlock, Transformer, ResBlock                          [UNetMidBlock2DCrossAttn]
-      up_blocks[0]:   (ResBlock + Transformer) x 2, upsample   -> (B,64,8,8)   [CrossAttnUpBlock2D]
-      up_blocks[1]:   (ResBlock + Transformer) x 2             -> (B,32,8,8)
-    -> GroupNorm, SiLU, conv_out -> eps (B,4,8,8)
+    x_t (B,4,16,16) -> conv_in (B,32,16,16)
+      down_blocks[0]: ResBlock x 1, downsample                -> (B,32,8,8)     [DownBlock2D]
+      down_blocks[1]: (ResBlock + Transformer) x 1, downsample -> (B,64,4,4)    [CrossAttnDownBlock2D]
+      down_blocks[2]: (ResBlock + Transformer) x 1             -> (B,64,4,4)    [CrossAttnDownBlock2D]
+      mid_block:      ResBlock, Transformer, ResBlock                            [UNetMidBlock2DCrossAttn]
+      up_blocks[0]:   (ResBlock + Transformer) x 2, upsample   -> (B,64,8,8)    [CrossAttnUpBlock2D]
+      up_blocks[1]:   (ResBlock + Transformer) x 2, upsample   -> (B,64,16,16)  [CrossAttnUpBlock2D]
+      up_blocks[2]:   ResBlock x 2                             -> (B,32,16,16)  [UpBlock2D]
+    -> GroupNorm, SiLU, conv_out -> eps (B,4,16,16)
     (SD 1.5 has 4 resolutions, 2 layers per down block, 3 per up block, and 860M parameters; this
-    one has 2, 1 and 2, and about 1.1M: small enough to train on a laptop CPU.)
+    one has 3, 1 and 2, and about 1.7M: small enough to train on a laptop CPU. SD 1.5 attends at its three
+    finest resolutions and in the middle; this one at its two coarsest and in the middle, see ``attention``.)
 
 Every down-block layer pushes its output onto a stack of skip connections; every up-block
 ResBlock pops one and concatenates it. A ``Transformer`` block is self-attention over the
