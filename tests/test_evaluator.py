@@ -85,12 +85,17 @@ def small():
 
 
 def one_object(shape: str, colour: str, **fixed) -> data.Scenes:
-    """A scene of one object, drawn from the world with its shape and colour (and anything in ``fixed``) set."""
-    attrs = data.sample_attributes(1, seed=11, object_counts=(1.0, 0.0, 0.0))
+    """A scene of one object, drawn from the world with its shape and colour (and anything in ``fixed``) set.
+    Position and size decide the centre and radius when they are drawn, so the scene is drawn again (next seed)
+    until those match ``fixed``; shape and colour change nothing else and are set afterwards."""
+    for seed in range(11, 1011):
+        attrs = data.sample_attributes(1, seed=seed, object_counts=(1.0, 0.0, 0.0))
+        if all(int(attrs[name][0, 0]) == data.ATTRIBUTES[name].index(value) for name, value in fixed.items()):
+            break
+    else:
+        raise AssertionError(f"no scene with {fixed} in 1000 draws")
     attrs["shape"][0, 0] = data.SHAPES.index(shape)
     attrs["colour"][0, 0] = data.COLOURS.index(colour)
-    for name, value in fixed.items():
-        attrs[name][0, 0] = data.ATTRIBUTES[name].index(value)
     return data.scenes_from_attributes(attrs)
 
 
