@@ -112,7 +112,11 @@ def main(argv=None):
     from course_lib.controlnet import load_controlnet  # noqa: E402 (optional model)
     models = [("evaluator", evaluator), ("vae", pipe.vae), ("clip", pipe.clip), ("unet", pipe.unet)]
     if (weights / "controlnet.json").exists():
-        models.append(("controlnet", load_controlnet(weights)))
+        from course_lib.weights import WeightsError  # noqa: E402
+        try:
+            models.append(("controlnet", load_controlnet(weights)))
+        except WeightsError as e:  # e.g. trained on another U-Net: left out of the table, and said so
+            print(f"(controlnet left out: {e})\n")
     rows = []
     for name, model in models:
         c = model.card
