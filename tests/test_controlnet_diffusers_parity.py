@@ -179,7 +179,7 @@ def test_shipped_weights_same_residuals_and_same_controlled_eps():
     unet, net = load_unet().eval(), load_controlnet().eval()
     d_unet, d_net = W.unet_to_diffusers(unet), W.controlnet_to_diffusers(net)
     g = torch.Generator().manual_seed(7)
-    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([700, 120])
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([700, 120])  # the shipped VAE's 16x16x4 latents
     ctx = torch.randn(2, 9, unet.config.context_dim, generator=g)
     cond = (torch.rand(2, 1, 64, 64, generator=g) < 0.1).float()
     down, mid = net(x, t, ctx, cond, conditioning_scale=0.9)

@@ -91,7 +91,8 @@ def test_key_map_is_a_table_over_every_tensor(shipped):
     cfg = shipped.unet.config
     rows = W.unet_key_map(cfg)
     assert rows["time_embedding.0"] == "time_embedding.linear_1"
-    assert rows["down_blocks.0.attentions.0.attn1.to_out"] == "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
+    assert rows["down_blocks.1.attentions.0.attn1.to_out"] == "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0"
+    assert rows["down_blocks.0.resnets.0.conv1"] == "down_blocks.0.resnets.0.conv1"  # the 16x16 level: no attention
     assert rows["mid_block.resnet2.conv1"] == "mid_block.resnets.1.conv1"
     course_modules = {k.rpartition(".")[0] for k in shipped.unet.state_dict()}
     assert set(rows) == course_modules  # one row per module with weights, no more
