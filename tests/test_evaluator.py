@@ -270,7 +270,7 @@ def test_fewer_named_attributes_are_easier_to_confirm(small):
     full = [data.template_caption(small.attributes(i)) for i in range(len(small))]
     shapes_only = [data.template_caption({"objects": [{"shape": o["shape"]} for o in small.attributes(i)["objects"]],
                                           "background": None}) for i in range(len(small))]
-    for ev in (oracle, *_trained_if_any()):
+    for ev in (oracle, trained_evaluator()):
         a, b = prompt_adherence(images, full, ev), prompt_adherence(images, shapes_only, ev)
         assert all(y for x, y in zip(a["confirmed"], b["confirmed"]) if x)
         assert b["adherence"] >= a["adherence"]
@@ -278,7 +278,7 @@ def test_fewer_named_attributes_are_easier_to_confirm(small):
 
 def test_a_red_circle_does_not_confirm_a_blue_circle():
     scene = one_object("circle", "red", size="large", position="centre")
-    for ev in (Oracle(scene), *_trained_if_any()):
+    for ev in (Oracle(scene), trained_evaluator()):
         image = scene.images_float()
         assert prompt_adherence(image, ["a red circle"], ev)["confirmed"] == [True]
         res = prompt_adherence(image, ["a blue circle"], ev)
@@ -287,10 +287,6 @@ def test_a_red_circle_does_not_confirm_a_blue_circle():
         assert prompt_adherence(image, ["a red square"], ev)["confirmed"] == [False]
         assert prompt_adherence(image, ["a large red circle in the middle"], ev)["confirmed"] == [True]
         assert prompt_adherence(image, ["a small red circle"], ev)["confirmed"] == [False]
-
-
-def _trained_if_any():
-    return (trained_evaluator(),)
 
 
 # --- The trained evaluator's bar. ---------------------------------------------------------------------
