@@ -173,12 +173,23 @@ class Denoiser:
 
     @classmethod
     def at_sigmas(cls, model: Model, x: torch.Tensor, schedule: NoiseSchedule, timesteps, cond: Any,
-                  prediction_type: str) -> "Denoiser":
+                  prediction_type: str, sigmas: torch.Tensor | None = None) -> "Denoiser":
         """Karras' sigma at possibly fractional timesteps, alpha_bar = 1 / (sigma^2 + 1) (diffusers'
-        sigma-based schedulers: Euler, Euler ancestral, Heun, DPM-Solver multistep)."""
+        sigma-based schedulers: Euler, Euler ancestral, Heun, DPM-Solver multistep).
+
+        `sigmas`, one per timestep, replaces the schedule's sigma at those timesteps: the model is
+        still called at `timesteps`, the steps use `sigmas` (Karras sigmas with the timesteps
+        rounded, as diffusers' use_karras_sigmas=True does; schedules.karras_sigmas)."""
         _check_inputs(x, schedule, prediction_type)
         ts = _check_timesteps(timesteps, schedule, fractional_ok=True)
-        sigmas = torch.cat([sigmas_at(schedule, ts), torch.zeros(1)])  # (n+1,) ending at sigma = 0
+        if sigmas is None:
+            sigmas = sigmas_at(schedule, ts)  # (n,)
+        else:
+            sigmas = torch.as_tensor(sigmas).detach().cpu().float()
+            if sigmas.shape != ts.shape or not torch.all(sigmas > 0) or not torch.all(sigmas[1:] < sigmas[:-1]):
+                raise ValueError(f"sigmas must hold one positive, strictly decreasing value per timestep ({len(ts)}), "
+                                 f"got shape {tuple(sigmas.shape)}: make them with schedules.karras_sigmas")
+        sigmas = torch.cat([sigmas, torch.zeros(1)])  # (n+1,) ending at sigma = 0
         sqrt_ab = 1 / (sigmas[:-1] ** 2 + 1) ** 0.5  # (n,)
         return cls(model, x, ts, cond, prediction_type, sqrt_ab, sigmas[:-1] * sqrt_ab, sigmas)
 
@@ -472,6 +483,7 @@ def dpmpp_2m(
     cond: Any = None,
     *,
     prediction_type: PredictionType = "epsilon",
+    sigmas: torch.Tensor | None = None,  # (n,) noise levels to step through instead of the timesteps' own
     generator: torch.Generator | None = None,  # unused: DPM-Solver++(2M) is deterministic
     callback: Callback | None = None,
 ) -> torch.Tensor:
@@ -486,9 +498,11 @@ def dpmpp_2m(
     The first step (no previous x0 yet) and the last (to sigma_t = 0) are first order, as in
     diffusers' DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2).
     x is x_t itself (no input scaling). For diffusers' own timesteps, use
-    make_timesteps(..., count_final_step=True).
+    make_timesteps(..., count_final_step=True). Karras sigmas (use_karras_sigmas=True): pass
+    sigmas=karras_sigmas(schedule, n) and timesteps=timesteps_for_sigmas(schedule, sigmas).round()
+    (course_lib.schedules); the model is called at the timesteps, the steps use the sigmas.
     """
-    den = Denoiser.at_sigmas(model, x, schedule, timesteps, cond, prediction_type)
+    den = Denoiser.at_sigmas(model, x, schedule, timesteps, cond, prediction_type, sigmas)
     n = den.n
     alpha_t = torch.cat([den.sqrt_ab, torch.ones(1)])  # (n+1,) DPM-Solver's alpha_t; 1 at sigma = 0
     sigma_t = torch.cat([den.sqrt_1m_ab, torch.zeros(1)])  # (n+1,) DPM-Solver's sigma_t; 0 at the end

@@ -200,6 +200,43 @@ def alpha_bar_at(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
     return (1 / (1 + sigmas_at(schedule, t) ** 2)).to(t.device)
 
 
+def karras_sigmas(schedule: NoiseSchedule, num_steps: int, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. 2022's noise levels (eq. 5): num_steps sigmas from sigma_max down to sigma_min.
+
+        sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+
+    spaced evenly in sigma^(1/rho), so with rho = 7 the steps crowd towards small sigma, where the
+    images' details form. sigma_max and sigma_min are the schedule's own (t = T-1 and t = 0).
+    diffusers: use_karras_sigmas=True (its _convert_to_karras); lesson 5 runs DPM-Solver++(2M) on them.
+    Returns float32, shape (num_steps,).
+    """
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 2:
+        raise ValueError(f"num_steps must be an int >= 2 (Karras' spacing needs two ends), got {num_steps!r}")
+    if rho <= 0:
+        raise ValueError(f"rho must be positive (Karras et al. use 7), got {rho}")
+    table = schedule.sigmas  # (T,) float32, as diffusers computes it
+    sigma_min, sigma_max = table[0].item(), table[-1].item()
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)  # (N,)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return ((hi + ramp * (lo - hi)) ** rho).float()
+
+
+def timesteps_for_sigmas(schedule: NoiseSchedule, sigmas: torch.Tensor) -> torch.Tensor:
+    """The (fractional) timestep at which the schedule has each sigma: log(sigma) interpolated linearly
+    between table entries, as diffusers' _sigma_to_t does. Returns float64, shape of `sigmas`.
+
+    DPM-Solver++ with Karras sigmas calls the model at these timesteps rounded to integers
+    (diffusers' DPMSolverMultistepScheduler, use_karras_sigmas=True) and steps with the sigmas themselves.
+    """
+    log_table = torch.log(schedule.sigmas).double()  # (T,) increasing with t
+    log_s = torch.log(torch.as_tensor(sigmas, dtype=torch.float64).clamp(min=1e-10)).reshape(-1)  # (N,)
+    dists = log_s[None, :] - log_table[:, None]  # (T, N)
+    lo = (dists >= 0).long().cumsum(0).argmax(0).clamp(max=len(log_table) - 2)  # (N,) last entry <= log sigma
+    low, high = log_table[lo], log_table[lo + 1]
+    w = ((low - log_s) / (low - high)).clamp(0, 1)
+    return ((1 - w) * lo + w * (lo + 1)).reshape(torch.as_tensor(sigmas).shape)
+
+
 # -----------------------------------------------------------------------------
 # timestep spacing (Lin et al. 2023, Table 2)
 

@@ -22,10 +22,12 @@ from course_lib.diffusers_bridge import diffusers_sampling_loop, sd_scheduler_co
 from course_lib.samplers import ddim, ddpm, dpmpp_2m, euler, euler_ancestral, heun
 from course_lib.schedules import (
     NoiseSchedule,
+    karras_sigmas,
     make_timesteps,
     rescale_zero_terminal_snr,
     scaled_linear_betas,
     sd_schedule,
+    timesteps_for_sigmas,
 )
 
 TOL = 1e-5
@@ -180,6 +182,24 @@ def test_dpmpp_2m(num_steps, prediction_type, spacing):
     ts = make_timesteps(num_steps, spacing=spacing, count_final_step=True)
     ours = dpmpp_2m(MODEL, noise(), SCHED, ts, prediction_type=prediction_type)
     assert max_diff(ours, ref) <= TOL
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("num_steps", [2, 7, 20])
+def test_dpmpp_2m_karras_sigmas(num_steps, prediction_type):
+    """use_karras_sigmas=True: the same sigmas, the model called at the same rounded timesteps, the same loop."""
+    config = dict(SD_CONFIG, prediction_type=prediction_type, algorithm_type="dpmsolver++", solver_order=2,
+                  use_karras_sigmas=True)
+    scheduler = DPMSolverMultistepScheduler.from_config(config)
+    ref = diffusers_loop(scheduler, num_steps, noise(), MODEL)
+    sigmas = karras_sigmas(SCHED, num_steps)
+    ts = timesteps_for_sigmas(SCHED, sigmas).round().long()
+    torch.testing.assert_close(sigmas, scheduler.sigmas[:-1], rtol=0, atol=0)
+    assert torch.equal(ts, scheduler.timesteps)
+    ours = dpmpp_2m(MODEL, noise(), SCHED, ts, prediction_type=prediction_type, sigmas=sigmas)
+    assert max_diff(ours, ref) <= TOL
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        dpmpp_2m(MODEL, noise(), SCHED, ts, sigmas=sigmas.flip(0))
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "heun"])
