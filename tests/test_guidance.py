@@ -1,4 +1,8 @@
-"""course_lib.guidance: classifier-free guidance, negative prompts and guidance rescale vs diffusers."""
+"""course_lib.guidance: classifier-free guidance, negative prompts and guidance rescale vs diffusers (and, in
+v-space for an epsilon model, vs ComfyUI's RescaleCFG)."""
+
+import math
+
 
 import pytest
 import torch
@@ -6,9 +10,10 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg as diffusers_rescale
 
 from course_lib.diffusers_bridge import diffusers_sampling_loop, sd_scheduler_config
-from course_lib.guidance import classifier_free_guidance, guided_model, rescale_noise_cfg
+from course_lib.guidance import (classifier_free_guidance, eps_to_v, guided_model, rescale_cfg_in_v_space,
+                                 rescale_noise_cfg, v_to_eps)
 from course_lib.samplers import ddim, dpmpp_2m, euler
-from course_lib.schedules import make_timesteps, sd_schedule
+from course_lib.schedules import add_noise, alpha_bar_at, make_timesteps, sd_schedule, velocity
 
 SD_CONFIG = sd_scheduler_config()
 
@@ -72,6 +77,108 @@ def test_rescale_errors():
         rescale_noise_cfg(g, g, 1.5)
     with pytest.raises(ValueError, match="batched"):
         rescale_noise_cfg(g[0], g[0], 0.7)
+
+
+# -----------------------------------------------------------------------------
+# guidance rescale in v-space, for an epsilon model (Lin et al. 2023 define it on v; ComfyUI's RescaleCFG)
+
+
+def test_eps_to_v_is_the_velocity_and_inverts():
+    x0, eps, t = randn(3, 4, 8, 8, seed=11), randn(3, 4, 8, 8, seed=12), torch.tensor([10, 500, 990])
+    schedule = sd_schedule()
+    x_t = add_noise(x0, eps, t, schedule)
+    alpha_bar = schedule.alphas_cumprod[t]  # (B,)
+    torch.testing.assert_close(eps_to_v(eps, x_t, alpha_bar), velocity(x0, eps, t, schedule), rtol=0, atol=2e-5)
+    torch.testing.assert_close(v_to_eps(eps_to_v(eps, x_t, alpha_bar), x_t, alpha_bar), eps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(eps_to_v(eps, x_t, alpha_bar.view(3, 1, 1, 1)), eps_to_v(eps, x_t, alpha_bar))
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        eps_to_v(eps, x_t, 0.0)
+    with pytest.raises(ValueError, match="one value per sample"):
+        eps_to_v(eps, x_t, alpha_bar[:2])
+    with pytest.raises(ValueError, match="same shape"):
+        v_to_eps(eps[:2], x_t, alpha_bar)
+
+
+def test_rescale_in_v_space_by_hand():
+    """One sample of two values, alpha_bar = 1/2 and sqrt(1 - alpha_bar) x_t = (1, 1), so that eps = v / sqrt(2) + 1.
+    v_cond = (1, -1), v_uncond = (0.5, -0.5); at w = 3 the guided v is (2, -2): std 2 sqrt(2) against the
+    conditional v's sqrt(2). Rescaled: (1, -1); mixed with phi = 0.5: (1.5, -1.5), i.e. eps = 1 +- 1.5 / sqrt(2)."""
+    r2 = math.sqrt(2)
+    x_t = torch.tensor([[r2, r2]])
+    eps_c, eps_u = torch.tensor([[1 + 1 / r2, 1 - 1 / r2]]), torch.tensor([[1 + 0.5 / r2, 1 - 0.5 / r2]])
+    guided = classifier_free_guidance(eps_u, eps_c, 3.0)
+    out = rescale_cfg_in_v_space(guided, eps_c, x_t, 0.5, 0.5)
+    torch.testing.assert_close(out, torch.tensor([[1 + 1.5 / r2, 1 - 1.5 / r2]]), rtol=0, atol=1e-6)
+    # diffusers' rescale of the eps itself: std(guided eps) = 2, std(eps_cond) = 1, so 0.5 (guided / 2) + 0.5 guided
+    # = 0.75 guided: it also shrinks the x_t part (the mean 1 here) by a quarter, which the v-space rescale keeps
+    torch.testing.assert_close(rescale_noise_cfg(guided, eps_c, 0.5), 0.75 * guided, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out - 0.75 * guided, torch.full((1, 2), 0.25), rtol=0, atol=1e-6)
+
+
+def k_diffusion_rescale_cfg(x0_uncond, x0_cond, x, sigma, scale, phi):
+    """ComfyUI's RescaleCFG (comfy_extras/nodes_model_advanced.py), derived anew in the variables it works in:
+    k-diffusion's x = x_t / sqrt(alpha_bar) = x0 + sigma eps and the model's denoised outputs x0_hat.
+    With c = sqrt(sigma^2 + 1) = 1 / sqrt(alpha_bar): v = (x / c^2 - x0) c / sigma and back x0 = x / c^2 - sigma v / c.
+    Guide v, give it v_cond's std per sample, mix with phi; return the guided denoised output."""
+    c = (sigma**2 + 1) ** 0.5
+    v_u, v_c = (x / c**2 - x0_uncond) * c / sigma, (x / c**2 - x0_cond) * c / sigma
+    v = v_u + scale * (v_c - v_u)
+    dims = tuple(range(1, x.ndim))
+    v = phi * v * (v_c.std(dim=dims, keepdim=True) / v.std(dim=dims, keepdim=True)) + (1 - phi) * v
+    return x / c**2 - sigma * v / c
+
+
+@pytest.mark.parametrize("phi", [0.0, 0.5, 0.7, 1.0])
+def test_rescale_in_v_space_equals_comfyui_rescale_cfg(phi):
+    schedule, t = sd_schedule(), torch.tensor([999, 600, 250, 20])
+    x_t, eps_u = randn(4, 4, 8, 8, seed=13), randn(4, 4, 8, 8, seed=14)
+    eps_c = 0.8 * eps_u + 0.3 * randn(4, 4, 8, 8, seed=15) + 0.1
+    alpha_bar = schedule.alphas_cumprod[t].double()  # (B,) in float64, for a tight comparison
+    x_t, eps_u, eps_c = x_t.double(), eps_u.double(), eps_c.double()
+    ours = rescale_cfg_in_v_space(classifier_free_guidance(eps_u, eps_c, 7.5), eps_c, x_t, alpha_bar, phi)
+    ab = alpha_bar.view(-1, 1, 1, 1)
+    sigma, x = ((1 - ab) / ab) ** 0.5, x_t / ab**0.5
+    to_x0 = lambda eps: (x_t - (1 - ab) ** 0.5 * eps) / ab**0.5  # noqa: E731
+    theirs = k_diffusion_rescale_cfg(to_x0(eps_u), to_x0(eps_c), x, sigma, 7.5, phi)
+    torch.testing.assert_close(to_x0(ours), theirs, rtol=1e-9, atol=1e-9)
+
+
+def test_rescale_in_v_space_phi_zero_and_one():
+    schedule, t = sd_schedule(), torch.tensor([950, 400, 30])
+    x_t, eps_u = randn(3, 4, 8, 8, seed=16), randn(3, 4, 8, 8, seed=17)
+    eps_c = eps_u + 0.2 * randn(3, 4, 8, 8, seed=18)
+    alpha_bar = schedule.alphas_cumprod[t]
+    guided = classifier_free_guidance(eps_u, eps_c, 20.0)
+    before = guided.clone()
+    torch.testing.assert_close(rescale_cfg_in_v_space(guided, eps_c, x_t, alpha_bar, 0.0), guided, rtol=0, atol=2e-5)
+    full = rescale_cfg_in_v_space(guided, eps_c, x_t, alpha_bar, 1.0)
+    dims = (1, 2, 3)
+    v_full, v_cond = eps_to_v(full, x_t, alpha_bar), eps_to_v(eps_c, x_t, alpha_bar)
+    torch.testing.assert_close(v_full.std(dim=dims), v_cond.std(dim=dims), rtol=1e-5, atol=1e-6)
+    assert (eps_to_v(guided, x_t, alpha_bar).std(dim=dims) > 1.5 * v_cond.std(dim=dims)).all()  # it did shrink
+    assert torch.equal(guided, before)
+    with pytest.raises(ValueError, match="same shape"):
+        rescale_cfg_in_v_space(guided, eps_c[:2], x_t, alpha_bar, 0.7)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        rescale_cfg_in_v_space(guided, eps_c, x_t, alpha_bar, 1.2)
+
+
+def test_guided_model_rescales_in_v_space():
+    schedule = sd_schedule()
+    x, t = randn(2, 4, 8, 8), torch.tensor([900, 300])
+    cond, uncond = randn(2, 6, 8, seed=5), randn(2, 6, 8, seed=6)
+    out = guided_model(text_model, cond, uncond, 7.5, 0.7, rescale_space="v", schedule=schedule)(x, t)
+    pc = text_model(x, t, cond)
+    guided = classifier_free_guidance(text_model(x, t, uncond), pc, 7.5)
+    expected = rescale_cfg_in_v_space(guided, pc, x, alpha_bar_at(schedule, t), 0.7)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert (out - rescale_noise_cfg(guided, pc, 0.7)).abs().max() > 1e-2  # not the eps-space rescale
+    plain = guided_model(text_model, cond, uncond, 7.5, 0.0, rescale_space="v", schedule=schedule)(x, t)
+    torch.testing.assert_close(plain, guided, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="schedule"):
+        guided_model(text_model, cond, uncond, 7.5, 0.7, rescale_space="v")
+    with pytest.raises(ValueError, match="rescale_space"):
+        guided_model(text_model, cond, uncond, 7.5, 0.7, rescale_space="x0", schedule=schedule)
 
 
 # -----------------------------------------------------------------------------
