@@ -13,6 +13,12 @@ Three ways to draw an edge map (the first two must agree on the scenes):
   ``photo_control`` turns any photograph into a 64x64 control: centre-crop, resize, Canny.
 - **hand-drawn outlines**: ``polyline_edges`` rasterises lines given as points; ``novel_outlines``
   holds a few (a ring, letters) unlike any training scene, to see what the ControlNet does with them.
+- **placed outlines** (lesson 6's "draw or pick an edge map"): a filled region placed at (x, y) with a
+  radius, then outlined with the world's own rule (``outline``, which is ``data.edge_map``): one of the
+  world's shapes (``shape_mask``, drawn by ``data.shape_masks``, the reserved heart and moon included),
+  a polygon from a list of vertices (``polygon_mask``) or ASCII art (``ascii_mask``). Because the region
+  is outlined the way every scene is, the edge map looks like the ones the ControlNet was trained on,
+  whatever the region's shape.
 
 Scoring a generation against its control (``edge_f1``): precision = share of the generated
 image's edge pixels that lie within ``tolerance`` pixels of a control edge; recall = share of
@@ -244,6 +250,111 @@ def novel_outlines() -> dict[str, tuple[torch.Tensor, str]]:
                               (18, 30), (6, 50)]])
     return {"ring": (ring, "a yellow circle"), "letter L": (letter_l, "a blue square"),
             "letter Z": (letter_z, "a red star"), "zig-zag": (zigzag, "a green ring")}
+
+
+# --- Placed outlines: a region at (x, y) with a radius, outlined as the world outlines its objects. -------------
+
+def _unit_coords(x: float, y: float, radius: float, rotation: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every pixel centre of the 64 x 64 image in the frame of a shape at (x, y): (u, v), each (64, 64), in radii.
+
+    The same frame as ``data.shape_masks``: u to the right, v down, turned by ``rotation`` (radians).
+    """
+    for name, value in (("x", x), ("y", y), ("radius", radius), ("rotation", rotation)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if radius <= 0:
+        raise ValueError(f"radius must be positive (pixels from the centre to the outline), got {radius}")
+    coords = torch.arange(data.IMAGE_SIZE, dtype=torch.float32) + 0.5  # pixel centres
+    dx, dy = coords.view(1, -1) - x, coords.view(-1, 1) - y  # (1, W), (H, 1)
+    cos, sin = math.cos(rotation), math.sin(rotation)
+    return (cos * dx + sin * dy) / radius, (-sin * dx + cos * dy) / radius  # (H, W) each
+
+
+def shape_mask(shape: str, x: float, y: float, radius: float, rotation: float = 0.0) -> torch.Tensor:
+    """One of the world's shapes (``data.SHAPES``, the reserved heart and moon too) filled at (x, y): (64, 64) bool.
+
+    Drawn by ``data.shape_masks``, the function that draws every scene, so ``outline(shape_mask(...))`` is
+    exactly the edge map a scene with that one object has. radius in pixels (the world's: 6.5 to 14).
+    """
+    if shape not in data.SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; the world's shapes are {', '.join(data.SHAPES)}")
+    _unit_coords(x, y, radius, rotation)  # the same checks of x, y, radius and rotation
+    masks = data.shape_masks(torch.tensor([data.SHAPES.index(shape)]), torch.tensor([[float(x), float(y)]]),
+                             torch.tensor([float(radius)]), torch.tensor([float(rotation)]))  # (1, 64, 64)
+    return masks[0]
+
+
+def polygon_mask(vertices: Sequence[tuple[float, float]], x: float, y: float, radius: float,
+                 rotation: float = 0.0) -> torch.Tensor:
+    """A polygon filled at (x, y): (64, 64) bool.
+
+    vertices: at least three (u, v) corners in units of the radius, u right and v down, the centre at
+    (0, 0): (0, -1) is one radius above the centre. A pixel is inside when a ray from its centre crosses
+    the edges an odd number of times (the even-odd rule), so a polygon may be concave.
+    """
+    try:
+        pts = torch.tensor([[float(u), float(v)] for u, v in vertices], dtype=torch.float32)  # (K, 2)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"vertices must be a list of (u, v) pairs of numbers, e.g. [(0, -1), (1, 1), (-1, 1)]: {err}")
+    if pts.shape[0] < 3 or not torch.isfinite(pts).all():
+        raise ValueError(f"a polygon needs at least three finite (u, v) vertices, got {pts.shape[0]}")
+    u, v = _unit_coords(x, y, radius, rotation)
+    inside = torch.zeros_like(u, dtype=torch.bool)
+    for (u1, v1), (u2, v2) in zip(pts.tolist(), pts.roll(-1, 0).tolist()):  # each edge, the last one closing it
+        if v1 == v2:
+            continue  # a horizontal edge never crosses a horizontal ray
+        crosses = (v1 > v) != (v2 > v)  # the edge spans the pixel's row ...
+        u_at = u1 + (v - v1) * (u2 - u1) / (v2 - v1)  # ... at this u
+        inside ^= crosses & (u < u_at)  # a ray to the right crosses it
+    return inside
+
+
+def ascii_mask(rows: Sequence[str], x: float, y: float, radius: float) -> torch.Tensor:
+    """ASCII art filled at (x, y): (64, 64) bool. ``#`` marks the inside, ``.`` or a space the outside.
+
+    The drawing (every row the same length) is stretched over the square of side 2 x radius centred at
+    (x, y), keeping its proportions: each character covers (2 radius / the longer side) pixels, and each
+    pixel takes the character under its centre (nearest neighbour).
+    """
+    if isinstance(rows, str):
+        rows = rows.strip("\n").split("\n")
+    rows = list(rows)
+    if not rows or not all(isinstance(r, str) for r in rows):
+        raise ValueError("rows must be a non-empty list of strings, one per row of the drawing")
+    if len({len(r) for r in rows}) != 1 or not rows[0]:
+        raise ValueError(f"every row must have the same length (pad with '.'), got lengths {[len(r) for r in rows]}")
+    bad = sorted({ch for r in rows for ch in r} - set("#. "))
+    if bad:
+        raise ValueError(f"use '#' for inside and '.' or ' ' for outside; found {bad}")
+    grid = torch.tensor([[ch == "#" for ch in r] for r in rows])  # (rows, cols)
+    h, w = grid.shape
+    u, v = _unit_coords(x, y, radius)
+    cell = 2 / max(h, w)  # one character, in radii
+    col = torch.floor(u / cell + w / 2).long()  # (64, 64) the character under each pixel centre
+    row = torch.floor(v / cell + h / 2).long()
+    on = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    inside = torch.zeros_like(on)
+    inside[on] = grid[row[on], col[on]]
+    return inside
+
+
+def outline(mask: torch.Tensor) -> torch.Tensor:
+    """The world's edge map of a filled region: its one-pixel inner boundary (``data.edge_map``), (1, 1, 64, 64) bool.
+
+    mask: (64, 64) bool, True inside (``shape_mask``, ``polygon_mask``, ``ascii_mask``, or your own).
+    A pixel is an edge when it is inside and one of its 4 neighbours is not (the image border counts as outside).
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a 2-D ({data.IMAGE_SIZE}, {data.IMAGE_SIZE}) tensor, got {got}")
+    if tuple(mask.shape) != (data.IMAGE_SIZE, data.IMAGE_SIZE):
+        raise ValueError(f"mask must be {data.IMAGE_SIZE} x {data.IMAGE_SIZE}, the tiny SD's image size, got "
+                         f"{tuple(mask.shape)}; draw it with shape_mask, polygon_mask or ascii_mask, or resize it")
+    m = mask.detach().cpu().bool()
+    if not m.any():
+        raise ValueError("the region is empty: nothing of it lies inside the 64 x 64 image. Move it (x, y between "
+                         "0 and 64), make it larger, or draw some '#' into the ASCII art")
+    return data.edge_map(m.to(torch.uint8)[None])[:, None]  # (1, 1, 64, 64)
 
 
 def photographs() -> dict[str, Callable[[], np.ndarray]]:

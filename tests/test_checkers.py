@@ -395,6 +395,66 @@ def test_the_training_step_reference_equals_diffusers_add_noise():
     torch.testing.assert_close(loss, (eps**2).mean())  # a zero prediction costs the noise's mean square
 
 
+def _edge_map_with(mistake: str | None = None):
+    """A learner's edge map written out by hand: right, or with one of the usual mistakes."""
+    import torch.nn.functional as F
+
+    def edge_map_from_mask(labels):
+        lab = labels.long()
+        if mistake == "merged objects":  # "object or not" instead of each object's own label
+            lab = (lab > 0).long()
+        h, w = lab.shape[-2:]
+        if mistake == "roll":  # neighbours by torch.roll: the border wraps round to the other side
+            shifted = [lab.roll(s, d) for s, d in ((1, 1), (-1, 1), (1, 2), (-1, 2))]
+        else:
+            padded = F.pad(lab[:, None].float(), (1, 1, 1, 1), mode="replicate")[:, 0].long() if mistake == "replicate" \
+                else F.pad(lab, (1, 1, 1, 1), value=-1)
+            offsets = [(0, 1), (2, 1), (1, 0), (1, 2)]
+            if mistake == "8 neighbours":
+                offsets += [(0, 0), (0, 2), (2, 0), (2, 2)]
+            shifted = [padded[:, dy:dy + h, dx:dx + w] for dy, dx in offsets]
+        differs = torch.zeros(lab.shape, dtype=torch.bool)
+        for other in shifted:
+            differs |= other != lab
+        if mistake == "outer boundary":  # background pixels next to an object
+            return differs & (lab == 0) & torch.stack([o > 0 for o in shifted]).any(0)
+        return differs & (lab > 0)
+
+    return edge_map_from_mask
+
+
+def test_the_edge_map_check_names_the_usual_mistakes():
+    """Right: every point. Outer boundary, 8 neighbours, the border not outside (roll, replicate padding) and touching
+    objects merged each fail their own check with the hint that names the mistake, and the check on real scenes."""
+    ex = EXERCISES["edge_map_from_mask"]
+    assert ex.run(LocalAgent({"edge_map_from_mask": _edge_map_with()})).passed
+    expect = {"outer boundary": ("outermost pixels", "background"), "8 neighbours": ("only the 4 neighbours", "diagonal"),
+              "roll": ("the image border", "torch.roll"), "replicate": ("the image border", "replicate"),
+              "merged objects": ("touching objects", "merge")}
+    for mistake, (check_words, hint_word) in expect.items():
+        result = ex.run(LocalAgent({"edge_map_from_mask": _edge_map_with(mistake)}))
+        failed = {c.name: c for c in result.checks if not c.passed}
+        own = [c for name, c in failed.items() if check_words in name]
+        assert own and hint_word in own[0].hint, (mistake, list(failed))
+        assert not result.passed
+        # torch.roll is right unless an object faces its own label across the image: only the border check sees it
+        assert (mistake == "roll") != any(name.startswith("Verify") for name in failed), (mistake, list(failed))
+    where = ex.run(LocalAgent({"edge_map_from_mask": _edge_map_with("outer boundary")})).checks[1].got
+    assert "on the background beside an object" in where
+
+
+def test_the_edge_map_reference_is_the_worlds():
+    """The check's reference equals data.edge_map on rendered scenes' label maps, and those are the scenes' edge maps."""
+    from course_lib import data
+    from course_lib.checks.controlnet import _scene_labels, edge_map_from_mask
+
+    scenes = data.generate(64, seed=3, object_counts=(0.2, 0.4, 0.4))
+    labels = _scene_labels(scenes)
+    assert torch.equal(data.edge_map(labels)[:, None], scenes.edges)
+    assert torch.equal(edge_map_from_mask(labels)[:, None], scenes.edges)
+    assert (scenes.n_objects > 1).sum() > 30 and scenes.edges.any()
+
+
 # ----------------------------------------------------------------------------------------------
 # The references equal the libraries
 # ----------------------------------------------------------------------------------------------

@@ -147,3 +147,59 @@ def test_to_control_and_clear_errors(scenes):
         edges.canny_edges(scenes.images[0])
     with pytest.raises(ValueError, match="sigma"):
         edges.canny_edges(scenes.images[:1], sigma=0)
+
+
+def test_a_placed_world_shape_is_outlined_exactly_as_its_scene():
+    """shape_mask + outline give exactly the edge map of a one-object scene, the reserved heart and moon included."""
+    scenes = data.generate(12, seed=4, concepts="all", object_counts=(1.0, 0.0, 0.0))
+    for i in range(len(scenes)):
+        mask = edges.shape_mask(data.SHAPES[int(scenes.shape[i, 0])], *scenes.centre[i, 0].tolist(),
+                                float(scenes.radius[i, 0]), float(scenes.rotation[i, 0]))
+        assert torch.equal(edges.outline(mask), scenes.edges[i:i + 1])
+    heart, moon = (edges.outline(edges.shape_mask(s, 32, 32, 12)) for s in data.RESERVED_SHAPES)
+    assert heart.any() and moon.any() and not torch.equal(heart, moon)
+
+
+def test_polygon_and_ascii_masks_fill_where_they_should():
+    square = edges.polygon_mask([(-1, -1), (1, -1), (1, 1), (-1, 1)], 20, 30, 5)  # pixels 15..24 x 25..34
+    assert square.sum() == 100 and square[25:35, 15:25].all()
+    arrow = [(-1, -0.3), (0.1, -0.3), (0.1, -0.8), (1, 0), (0.1, 0.8), (0.1, 0.3), (-1, 0.3)]  # concave
+    inside = edges.polygon_mask(arrow, 32, 32, 16)
+    assert inside[32, 45] and inside[32, 20] and not inside[22, 20]  # the tip, the shaft, beside the shaft
+    drawn = edges.ascii_mask(["#..", "###", "..#"], 32, 32, 12)  # 3 x 3 characters over 24 x 24 pixels
+    assert drawn.sum() == 5 * 64 and drawn[20:28, 20:28].all() and not drawn[20:28, 28:36].any()
+    assert torch.equal(edges.ascii_mask("#..\n###\n..#", 32, 32, 12), drawn)  # one string works too
+    line = edges.outline(edges.ascii_mask(["#"], 32, 32, 4))  # an 8 x 8 block: its 28-pixel ring, one pixel wide
+    assert line.sum() == 28 and not line[0, 0, 30:34, 30:34].any()
+
+
+def test_placed_outlines_reject_bad_input_clearly():
+    with pytest.raises(ValueError, match="unknown shape 'hexagon'.*heart, moon"):
+        edges.shape_mask("hexagon", 32, 32, 10)
+    with pytest.raises(ValueError, match="radius must be positive"):
+        edges.shape_mask("heart", 32, 32, 0)
+    with pytest.raises(ValueError, match="same length"):
+        edges.ascii_mask(["##", "###"], 32, 32, 10)
+    with pytest.raises(ValueError, match=r"use '#'.*\['x'\]"):
+        edges.ascii_mask(["#x"], 32, 32, 10)
+    with pytest.raises(ValueError, match="at least three"):
+        edges.polygon_mask([(0, 0), (1, 1)], 32, 32, 10)
+    with pytest.raises(ValueError, match="empty.*Move it"):
+        edges.outline(edges.shape_mask("circle", 200, 32, 10))  # entirely outside the image
+    with pytest.raises(ValueError, match="must be 64 x 64"):
+        edges.outline(torch.ones(32, 32, dtype=torch.bool))
+
+
+def test_object_at_finds_the_evaluators_object_over_a_region():
+    from course_lib.viz.controlnet import object_at
+
+    region = edges.shape_mask("square", 20, 20, 8)  # about 14 x 14 pixels round (20, 20)
+    cells = torch.zeros(32, 32, dtype=torch.bool)
+    cells[4:16, 4:16] = True  # pixels 8..31: covers the region
+    far = torch.zeros(32, 32, dtype=torch.bool)
+    far[24:30, 24:30] = True
+    found, cover = object_at([{"shape": "circle", "pixels": far}, {"shape": "square", "pixels": cells}], region)
+    assert found["shape"] == "square" and cover == 1.0
+    assert object_at([{"shape": "circle", "pixels": far}], region) == (None, 0.0)
+    with pytest.raises(ValueError, match="region is empty"):
+        object_at([], torch.zeros(64, 64, dtype=torch.bool))

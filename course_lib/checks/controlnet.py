@@ -1,22 +1,27 @@
-"""Checks of ControlNet: the zero convolution and adding control, several controls and their step windows.
+"""Checks of ControlNet: the zero convolution and adding control, an edge map from an object mask, several controls
+and their step windows.
 
 | id | where | kind |
 | --- | --- | --- |
 | zero_convolution | solutions/06_controlnet_exercises.ipynb | graded exercise |
+| edge_map_from_mask | solutions/06_controlnet_exercises.ipynb | graded exercise |
 | combine_controls | notebooks/06_controlnet.ipynb | check yourself |
 
 Notation (code name -> meaning):
     scale        conditioning scale of one control (0: off, 1: as trained)
     start, end   fractions of the sampling steps: the control acts on step i of n when
                  i / n >= start and (i + 1) / n <= end
+    labels       (N, H, W) object-label map: 0 background, k for object k (a bool mask: one object)
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from course_tools.checking import Exercise, Run
+from course_lib import data
+from course_tools.checking import Exercise, Failed, Run
 
 # ==============================================================================================
 # Reference implementations
@@ -119,6 +124,160 @@ def _(run, learner):
         got = run.call(learner.add_control, feats, control, convs, strength=strength)
         run.close(got, add_control(feats, control, weights, biases, strength),
                   f"add_control(..., strength={strength})", rtol=1e-4, atol=1e-5, kind="tensor")
+
+
+# ==============================================================================================
+# Exercise: an edge map from an object mask (the control images the tiny ControlNet was trained on)
+# ==============================================================================================
+
+
+def edge_map_from_mask(labels: torch.Tensor) -> torch.Tensor:
+    """``data.edge_map`` for label maps of any size: the one-pixel inner boundary of every object.
+
+    labels: (N, H, W), 0 for background and k for object k (bool: one object). A pixel is an edge when it
+    belongs to an object and one of its 4 neighbours (sharing a side) holds another label; outside the
+    image counts as another label. Returns (N, H, W) bool.
+    """
+    lab = labels.long()
+    padded = F.pad(lab, (1, 1, 1, 1), value=-1)  # (N, H+2, W+2); -1 = outside, no object's label
+    h, w = lab.shape[-2:]
+    differs = torch.zeros(lab.shape, dtype=torch.bool)
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):  # up, down, left, right
+        differs |= padded[:, dy:dy + h, dx:dx + w] != lab
+    return differs & (lab > 0)
+
+
+EDGE_MAP = Exercise("edge_map_from_mask", "An edge map from a mask", targets=("edge_map_from_mask",))
+
+
+def _at(idx: np.ndarray) -> str:
+    n, y, x = (int(i) for i in idx)
+    return f"scene {n}, row {y}, column {x}"
+
+
+def _pixels(n: int) -> str:
+    return f"{n} edge pixel" + ("" if n == 1 else "s")
+
+
+def _edges(run: Run, learner, labels: torch.Tensor, label: str, hint: str | None = None) -> None:
+    """Call the learner on ``labels`` and compare with the reference, saying where the edges differ and how."""
+    got = run.call(learner.edge_map_from_mask, labels, label=label)
+    arr = run.tensor(got, label, shape=tuple(labels.shape))
+    if not np.isin(arr, (0, 1)).all():
+        raise Failed(f"{label} to hold only True/False (or 0/1)", f"values such as {sorted(set(arr.ravel().tolist()))[:5]}",
+                     "Return a bool tensor: True where a pixel is an edge.")
+    have, want = arr.astype(bool), edge_map_from_mask(labels).numpy()
+    if (have == want).all():
+        return
+    lab = labels.long().numpy()
+    extra, missing = have & ~want, want & ~have
+    parts = []
+    if extra.any():
+        on_bg = int((extra & (lab == 0)).sum())
+        where = "on the background beside an object" if on_bg == int(extra.sum()) else "inside objects" if on_bg == 0 \
+            else "on the background and inside objects"
+        parts.append(f"{_pixels(int(extra.sum()))} where the reference has none, {where} (first at "
+                     f"{_at(np.argwhere(extra)[0])})")
+    if missing.any():
+        parts.append(f"{_pixels(int(missing.sum()))} missing (first at {_at(np.argwhere(missing)[0])})")
+    raise Failed(f"{label} to equal the world's edge map ({_pixels(int(want.sum()))})", "; ".join(parts), hint)
+
+
+def _labels(rows: list[str]) -> torch.Tensor:
+    """A hand-made (1, H, W) label map from strings: '.' background, a digit the object with that label."""
+    return torch.tensor([[0 if ch == "." else int(ch) for ch in r] for r in rows], dtype=torch.long)[None]
+
+
+def _scene_labels(scenes) -> torch.Tensor:
+    """(N, H, W) uint8 label maps of rendered scenes, as ``data.render`` builds them: the visible masks are disjoint."""
+    k = torch.arange(1, scenes.masks.shape[1] + 1, dtype=torch.uint8).view(1, -1, 1, 1)
+    return (scenes.masks.to(torch.uint8) * k).sum(1).to(torch.uint8)
+
+
+@EDGE_MAP.check("a single pixel and a filled rectangle: (N, H, W) bool, the one-pixel inner boundary", points=1,
+                hint="A pixel is an edge when it belongs to an object (label > 0) and one of its 4 neighbours "
+                     "(up, down, left, right) holds another label. Return a bool tensor of the input's shape.")
+def _(run, learner):
+    rng = run.rng(0)
+    h, w = int(rng.integers(7, 12)), int(rng.integers(7, 12))
+    dot = torch.zeros(1, h, w, dtype=torch.long)
+    dot[0, h // 2, w // 2] = 1
+    _edges(run, learner, dot, f"edge_map_from_mask(<one pixel in a {h}x{w} map>)")
+    box = torch.zeros(2, h, w, dtype=torch.long)
+    box[0, 2:h - 2, 2:w - 2] = 1  # a filled rectangle: its edge is its outermost ring
+    box[1, 1:h - 3, 3:w - 1] = int(rng.integers(2, 9))  # any label, not only 1
+    _edges(run, learner, box, f"edge_map_from_mask(<filled rectangles in {h}x{w} maps>)")
+    _edges(run, learner, box > 0, "edge_map_from_mask(<the same as a bool mask>)",
+           "A bool mask is a label map with one object: True is object 1 (labels.long() turns it into 0 and 1).")
+
+
+@EDGE_MAP.check("the edge is the object's own outermost pixels (inner boundary), not the background around it",
+                points=1, hint="Mark object pixels that have a neighbour outside the object, never background "
+                               "pixels that touch an object: the world draws each outline on the object itself.")
+def _(run, learner):
+    rng = run.rng(1)
+    side = 15
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    cy, cx, r = 7 + float(rng.uniform(-0.5, 0.5)), 7 + float(rng.uniform(-0.5, 0.5)), float(rng.uniform(4.2, 5.8))
+    disc = (((yy - cy) ** 2 + (xx - cx) ** 2) <= r * r).long()[None]
+    _edges(run, learner, disc, f"edge_map_from_mask(<a disc of radius {r:.1f}>)")
+
+
+@EDGE_MAP.check("only the 4 neighbours that share a side count: a diagonal neighbour makes no edge", points=1,
+                hint="Compare each pixel with the pixels above, below, left and right of it only. With the "
+                     "diagonals too, slanted sides come out two pixels thick (a 4-connected line).")
+def _(run, learner):
+    rng = run.rng(2)
+    k = int(rng.integers(3, 6))
+    side = 2 * k + 5
+    yy, xx = torch.meshgrid(torch.arange(side) - side // 2, torch.arange(side) - side // 2, indexing="ij")
+    diamond = ((yy.abs() + xx.abs()) <= k).long()[None]  # every side slanted at 45 degrees
+    _edges(run, learner, diamond, f"edge_map_from_mask(<a diamond of radius {k}>)")
+
+
+@EDGE_MAP.check("the image border counts as outside: an object cut by the border has an edge along it", points=1,
+                hint="Pad the label map with a value that is no object's label (data.edge_map uses 255, -1 or 0 "
+                     "works too) before comparing neighbours. torch.roll wraps around to the other side of the "
+                     "image, and replicate padding copies the border pixel, so the border is never an edge.")
+def _(run, learner):
+    rng = run.rng(3)
+    h, w = int(rng.integers(6, 10)), int(rng.integers(6, 10))
+    full = torch.ones(1, h, w, dtype=torch.long)  # the whole image is one object: its edge is the border ring
+    _edges(run, learner, full, f"edge_map_from_mask(<a {h}x{w} map that is all one object>)")
+    corner = torch.zeros(1, h, w, dtype=torch.long)
+    corner[0, :3, w - 4:] = 1  # cut by the top and right borders
+    corner[0, h - 2:, :2] = 2  # and one in the opposite corner, cut by the bottom and left borders
+    _edges(run, learner, corner, "edge_map_from_mask(<two objects in opposite corners>)")
+
+
+@EDGE_MAP.check("touching objects: both sides of their common boundary are edges", points=1,
+                hint="Compare labels, not 'object or not': a pixel whose neighbour belongs to another object is an "
+                     "edge of its own object (labels > 0 would merge touching objects into one).")
+def _(run, learner):
+    grids = [["........", ".111222.", ".111222.", ".111222.", "........"],
+             ["........", ".11111..", ".11111..", ".11333..", ".11333..", "........"]]
+    rng = run.rng(4)
+    for rows in grids:
+        labels = _labels(rows)
+        relabel = torch.tensor([0] + [int(v) for v in rng.permutation(np.arange(1, 4))])  # any labels, shuffled
+        _edges(run, learner, relabel[labels], "edge_map_from_mask(<" + " / ".join(rows) + ">)")
+
+
+@EDGE_MAP.check("Verify: equal to the world's own edge maps (data.edge_map) on rendered scenes", points=2,
+                hint="Scenes overlap and touch the border: each case above is in them. The label maps are "
+                     "uint8, as data.edge_map takes them; compare with != rather than subtracting.")
+def _(run, learner):
+    seed = int(run.rng(5).integers(0, 2**20))
+    pool = data.generate(256, seed=seed, split="heldout", object_counts=(0.2, 0.4, 0.4))
+    m = pool.masks  # (256, K, 64, 64): some objects reach the border, some touch each other
+    at_border = (m[..., 0, :].any(-1) | m[..., -1, :].any(-1) | m[..., :, 0].any(-1) | m[..., :, -1].any(-1)).any(1)
+    pick = torch.cat([at_border.nonzero().squeeze(1)[:8], (~at_border).nonzero().squeeze(1)[:8]])
+    scenes = pool.select(pick)
+    labels = _scene_labels(scenes)  # (16, 64, 64) uint8
+    if not torch.equal(data.edge_map(labels)[:, None], scenes.edges):  # the reference is the world's
+        raise Failed("the scenes' edge maps to be data.edge_map of their label maps", "they differ: a checker bug")
+    _edges(run, learner, labels, f"edge_map_from_mask(<label maps of {len(pick)} held-out scenes, "
+                                 f"{int(at_border[pick].sum())} with an object at the border, seed {seed}>)")
 
 
 # ==============================================================================================

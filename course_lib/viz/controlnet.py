@@ -83,6 +83,28 @@ def weight_norms(model: nn.Module, parts: dict[str, tuple[str, ...]] = GRADIENT_
     return {part: s ** 0.5 for part, s in sq.items()}
 
 
+def object_at(objects: list[dict], region: torch.Tensor, min_cover: float = 0.5) -> tuple[dict | None, float]:
+    """The evaluator's object that covers most of ``region``, and how much of it it covers.
+
+    objects: one image's objects as ``Evaluator.predict(images)["objects"][i]`` gives them (each with
+    ``pixels``, a (32, 32) bool grid of 2 x 2-pixel cells). region: (64, 64) bool, the filled shape an
+    edge map outlines (``edges.shape_mask`` and friends). Returns (object or None, cover): the object is
+    None when no object covers at least ``min_cover`` of the region's pixels.
+    """
+    from ..evaluator import upsample_masks
+
+    area = int(region.sum())
+    if area == 0:
+        raise ValueError("region is empty: give the filled shape the edge map outlines, (64, 64) bool")
+    best, cover = None, 0.0
+    for obj in objects:
+        pixels = upsample_masks(obj["pixels"][None])[0]  # (64, 64)
+        c = int((pixels & region.bool()).sum()) / area
+        if c > cover:
+            best, cover = obj, c
+    return (best if cover >= min_cover else None), cover
+
+
 # --- Pictures. ---------------------------------------------------------------------------------
 
 def edge_picture(edges: torch.Tensor) -> np.ndarray:
