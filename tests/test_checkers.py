@@ -367,6 +367,53 @@ def test_the_training_step_check_names_the_usual_mistakes():
     assert all("drops latents, not captions" in c.hint for c in failed)
 
 
+def test_the_dpmpp_2m_step_check_names_the_usual_mistakes():
+    """Right: every point. First order only, h of the wrong sign, DPM-Solver's noise-prediction coefficients, the
+    correction subtracted: each fails the step checks and the whole loop, with the hint that names it."""
+    from course_lib.checks.samplers import dpmpp_2m_mistakes, dpmpp_2m_step
+
+    ex = EXERCISES["dpmpp_2m_step"]
+    result = ex.run(LocalAgent({"dpmpp_2m_step": dpmpp_2m_step}))
+    assert result.passed, result.render_text()
+
+    def mistake(word):
+        def step(x, x0, x0_prev, sigma_prev, sigma, sigma_next):
+            if sigma_next == 0:  # the last step right, so that only the mistake shows
+                return dpmpp_2m_step(x, x0, x0_prev, sigma_prev, sigma, sigma_next)
+            wrong = [v for k, v in dpmpp_2m_mistakes(x, x0, x0_prev, sigma_prev, sigma, sigma_next).items() if word in k]
+            return wrong[0] if wrong else dpmpp_2m_step(x, x0, x0_prev, sigma_prev, sigma, sigma_next)
+        return step
+
+    for word, first_step_fails in [("first-order", False), ("wrong sign: h", True), ("noise prediction", True),
+                                   ("correction has the wrong sign", False)]:
+        result = ex.run(LocalAgent({"dpmpp_2m_step": mistake(word)}))
+        failed = {c.name.split(":")[0]: c for c in result.checks if not c.passed}
+        first, middle = "the first step (x0_prev = None) is first order", "a middle step is second order"
+        assert (first in failed) == first_step_fails, (word, list(failed))
+        assert middle in failed and word in failed[middle].hint, (word, failed.get(middle))
+        assert any(name.startswith("Verify") for name in failed), (word, list(failed))
+        assert not result.passed and result.score <= result.max_score - 4
+
+
+def test_the_dpmpp_2m_step_reference_equals_diffusers():
+    """The check's reference step, looped, equals DPMSolverMultistepScheduler(algorithm_type="dpmsolver++",
+    solver_order=2) with SD's settings, on the exact Gaussian-data model (including the last step to sigma = 0)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from course_lib.checks.samplers import _dpm_loop, dpmpp_2m_step
+    from course_lib.diffusers_bridge import diffusers_sampling_loop, sd_scheduler_config
+    from course_lib.gaussian_model import gaussian_data_model
+    from course_lib.schedules import make_timesteps, sd_schedule
+
+    config = {**sd_scheduler_config(), "algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "trailing"}
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for n in (1, 3, 10):
+        ref = diffusers_sampling_loop(DPMSolverMultistepScheduler.from_config(config), n, x,
+                                      gaussian_data_model(sd_schedule(), 0.5))
+        ours = _dpm_loop(dpmpp_2m_step, x, make_timesteps(n, spacing="trailing"))
+        torch.testing.assert_close(ours.float(), ref, rtol=1e-4, atol=1e-5)
+
+
 def test_the_training_step_reference_equals_diffusers_add_noise():
     """The check's reference noises latents as DDPMScheduler.add_noise (SD's betas) and course_lib.schedules do."""
     from diffusers import DDPMScheduler

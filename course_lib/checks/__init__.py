@@ -20,7 +20,7 @@ against a sandboxed kernel, for the graded exercises only (`EXERCISES`). The fra
 | attention | cross_attention_head (02_cross_attention_exercises) | attention_heads (02_cross_attention) |
 | clip | contrastive_loss (03_clip_exercises) | clip_context (03_clip) |
 | guidance | cfg_simulator, guidance_rescale (04_guidance_exercises) | per_sample_guidance (04_classifier_free_guidance) |
-| samplers | ddim_step_estimator, euler_step (05_samplers_exercises) | timestep_spacing (05_ddim_and_samplers) |
+| samplers | ddim_step_estimator, euler_step, dpmpp_2m_step (05_samplers_exercises) | timestep_spacing (05_ddim_and_samplers) |
 | controlnet | zero_convolution, edge_map_from_mask (06_controlnet_exercises) | combine_controls (06_controlnet) |
 | pipeline | guided_denoising_step (07_pipeline_exercises) | pipeline_shapes (07_complete_pipeline) |
 | training | diffusion_training_step (07_pipeline_exercises) | |
@@ -51,6 +51,7 @@ EXERCISES: dict[str, Exercise] = {
         guidance.RESCALE,
         samplers.DDIM_ESTIMATOR,
         samplers.EULER,
+        samplers.DPMPP_2M,
         controlnet.ZERO_CONV,
         controlnet.EDGE_MAP,
         pipeline.GUIDED_STEP,

@@ -1,15 +1,19 @@
-"""Checks of DDIM and modern samplers: the DDIM step estimator, one Euler step, timestep spacing.
+"""Checks of DDIM and modern samplers: the DDIM step estimator, one Euler step, one DPM-Solver++(2M) step,
+timestep spacing.
 
 | id | where | kind |
 | --- | --- | --- |
 | ddim_step_estimator | solutions/05_samplers_exercises.ipynb | graded exercise (episode 85's DDIM step estimator) |
 | euler_step | solutions/05_samplers_exercises.ipynb | graded exercise |
+| dpmpp_2m_step | solutions/05_samplers_exercises.ipynb | graded exercise |
 | timestep_spacing | notebooks/05_ddim_and_samplers.ipynb | check yourself |
 
 Notation (code name -> paper symbol):
     alpha_bar   ᾱ_t                    cumulative product of (1 - β) (DDPM)
     sigma       σ_t = sqrt((1 - ᾱ_t)/ᾱ_t)   noise level of x/sqrt(ᾱ) (Karras et al. 2022, k-diffusion)
     denoised    D(x; σ)                the model's estimate of x_0
+    alpha_t, sigma_t   DPM-Solver's α_t = sqrt(ᾱ_t) = 1 / sqrt(σ² + 1) and σ_t = sqrt(1 - ᾱ_t) = σ α_t (Lu et al. 2022)
+    lam         λ = log(α_t / σ_t) = -log σ   half the log-SNR; h = λ_next - λ > 0
     T           number of training timesteps (1000), timesteps 0 .. T-1
 """
 
@@ -22,7 +26,8 @@ import numpy as np
 import torch
 
 from course_tools.checking import Exercise, Run
-from course_lib.schedules import make_timesteps
+from course_lib import gaussian_model, samplers
+from course_lib.schedules import make_timesteps, sd_schedule, sigmas_at
 
 STEP_COUNTS = (5, 10, 20, 50, 100, 200, 500, 1000)
 
@@ -82,6 +87,26 @@ def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next
     """Euler on dx/dσ = (x - D(x; σ)) / σ (Karras et al. 2022, eq. 3 and alg. 1)."""
     d = (x.double() - denoised.double()) / sigma
     return x.double() + d * (sigma_next - sigma)
+
+
+def dpmpp_2m_step(x: torch.Tensor, x0: torch.Tensor, x0_prev: torch.Tensor | None, sigma_prev: float | None,
+                  sigma: float, sigma_next: float) -> torch.Tensor:
+    """One step of DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2) on x = x_t, from Karras' σ to σ_next.
+
+    With α_t = 1 / sqrt(σ² + 1), σ_t = σ α_t, λ = -log σ, h = λ_next - λ (so e^-h = σ_next / σ):
+        first order (no x0_prev, or σ_next = 0):  x_next = (σ_t_next / σ_t) x - α_next (e^-h - 1) x0   (DDIM)
+        second order:  D = x0 + (x0 - x0_prev) / (2 r),  r = h_prev / h,  then the same step with D.
+    As course_lib.samplers.dpmpp_2m and diffusers' DPMSolverMultistepScheduler(algorithm_type="dpmsolver++").
+    """
+    x, x0 = x.double(), x0.double()
+    alpha, alpha_next = 1 / math.sqrt(sigma**2 + 1), 1 / math.sqrt(sigma_next**2 + 1)
+    c_x = (sigma_next * alpha_next) / (sigma * alpha)  # σ_t_next / σ_t
+    c_d = alpha_next * (sigma_next / sigma - 1)  # α_next (e^-h - 1)
+    if x0_prev is None or sigma_next == 0:
+        return c_x * x - c_d * x0
+    r = math.log(sigma_prev / sigma) / math.log(sigma / sigma_next)  # h_prev / h
+    D = x0 + (x0 - x0_prev.double()) / (2 * r)
+    return c_x * x - c_d * D
 
 
 # ==============================================================================================
@@ -226,6 +251,130 @@ def _(run, learner):
         errors[n] = float(((x - exact) ** 2).mean())
     run.expect(errors[10] / max(errors[40], 1e-300) > 8, "the MSE at 40 steps at least 8x below the MSE at 10 steps",
                f"MSE {errors[10]:.3g} at 10 steps, {errors[40]:.3g} at 40")
+
+
+# ==============================================================================================
+# Exercise: one DPM-Solver++(2M) step
+# ==============================================================================================
+DPMPP_2M = Exercise("dpmpp_2m_step", "One DPM-Solver++(2M) step", targets=("dpmpp_2m_step",))
+
+# (sigma_prev, sigma, sigma_next): uneven steps, so that r = h_prev / h is not 1
+_DPM_STEPS = [(14.6, 6.0, 2.2), (3.0, 1.1, 0.5), (0.9, 0.3, 0.04)]
+
+
+def _dpm_inputs(run: Run, k: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x_t = α (x0 + σ eps) and two different x0 estimates, float32 of shape (2, 4, 8, 8)."""
+    x0, x0_prev = run.randn(2, 4, 8, 8, k=k), run.randn(2, 4, 8, 8, k=k + 20)
+    x = (x0 + sigma * run.randn(2, 4, 8, 8, k=k + 40)) / math.sqrt(sigma**2 + 1)
+    return x, x0, x0_prev
+
+
+def dpmpp_2m_mistakes(x: torch.Tensor, x0: torch.Tensor, x0_prev: torch.Tensor | None, sigma_prev: float | None,
+                      sigma: float, sigma_next: float) -> dict[str, torch.Tensor]:
+    """The usual wrong answers to `dpmpp_2m_step`, each with the hint that names it."""
+    alpha, alpha_next = 1 / math.sqrt(sigma**2 + 1), 1 / math.sqrt(sigma_next**2 + 1)
+    sigma_t, sigma_t_next = sigma * alpha, sigma_next * alpha_next
+    x, x0 = x.double(), x0.double()
+    D = x0
+    if x0_prev is not None:
+        r = math.log(sigma_prev / sigma) / math.log(sigma / sigma_next)
+        D = x0 + (x0 - x0_prev.double()) / (2 * r)
+    out = {
+        "h has the wrong sign: h = λ_next - λ = log(σ/σ_next) > 0, so e^-h = σ_next/σ < 1 and α_next·(e^-h - 1) < 0.":
+            (sigma_t_next / sigma_t) * x - alpha_next * (sigma / sigma_next - 1) * D,
+        "These are DPM-Solver's coefficients for the noise prediction, x_next = (α_next/α)·x - σ_t_next·(e^h - 1)·ε̂ "
+        "(Lu et al. 2022a). DPM-Solver++ integrates the data prediction x0: x_next = (σ_t_next/σ_t)·x - "
+        "α_next·(e^-h - 1)·D.": (alpha_next / alpha) * x - sigma_t_next * (sigma / sigma_next - 1) * D,
+    }
+    if x0_prev is not None:
+        out["This is the first-order step (DDIM): a middle step also uses the previous x0, "
+            "D = x0 + (x0 - x0_prev) / (2r) with r = h_prev / h."] = dpmpp_2m_step(x, x0, None, None, sigma, sigma_next)
+        out["The correction has the wrong sign: D = x0 + (x0 - x0_prev) / (2r), the newer estimate first."] = \
+            dpmpp_2m_step(x, x0, x0_prev, sigma_prev, sigma, sigma_next) + 2 * alpha_next * (sigma_next / sigma - 1) \
+            * (D - x0)  # D' = x0 - (D - x0)
+    return out
+
+
+def _dpm_hint(have: np.ndarray, *args: Any) -> str | None:
+    """The hint of the first usual mistake the learner's answer equals; None when it is none of them."""
+    for hint, wrong in dpmpp_2m_mistakes(*args).items():
+        if np.allclose(have, wrong.numpy(), rtol=1e-4, atol=1e-5):
+            return hint
+    return None
+
+
+def _dpm_step_check(run: Run, learner, args: tuple, label: str) -> None:
+    got = run.call(learner.dpmpp_2m_step, *args, label=label)
+    have = run.tensor(got, label, shape=args[0].shape)
+    run.close(got, dpmpp_2m_step(*args), label, rtol=1e-4, atol=1e-5, kind="tensor", hint=_dpm_hint(have, *args))
+
+
+@DPMPP_2M.check("the first step (x0_prev = None) is first order: exactly one DDIM step", points=2,
+                hint="α_t = 1/sqrt(σ² + 1), σ_t = σ·α_t, e^-h = σ_next/σ (λ = -log σ); "
+                     "x_next = (σ_t_next/σ_t)·x - α_next·(e^-h - 1)·x0. Note the sign: e^-h - 1 < 0.")
+def _(run, learner):
+    for k, (_, s, sn) in enumerate(_DPM_STEPS):
+        x, x0, _ = _dpm_inputs(run, k, s)
+        ab_s, ab_n = 1 / (s**2 + 1), 1 / (sn**2 + 1)  # the same step written as DDIM's (eq. 12, eta = 0)
+        eps = (x.double() - math.sqrt(ab_s) * x0.double()) / math.sqrt(1 - ab_s)
+        assert torch.allclose(dpmpp_2m_step(x, x0, None, None, s, sn),
+                              math.sqrt(ab_n) * x0.double() + math.sqrt(1 - ab_n) * eps, atol=1e-6)
+        _dpm_step_check(run, learner, (x, x0, None, None, s, sn), f"dpmpp_2m_step(x, x0, None, None, {s}, {sn})")
+
+
+@DPMPP_2M.check("a middle step is second order: D = x0 + (x0 - x0_prev) / (2r), r = h_prev / h", points=2,
+                hint="h = λ_next - λ = log(σ/σ_next) > 0, h_prev = log(σ_prev/σ); work with the data prediction "
+                     "x0 (DPM-Solver++), not the noise: x_next = (σ_t_next/σ_t)·x - α_next·(e^-h - 1)·D.")
+def _(run, learner):
+    for k, (sp, s, sn) in enumerate(_DPM_STEPS):
+        x, x0, x0_prev = _dpm_inputs(run, k + 3, s)
+        _dpm_step_check(run, learner, (x, x0, x0_prev, sp, s, sn), f"dpmpp_2m_step(x, x0, x0_prev, {sp}, {s}, {sn})")
+
+
+@DPMPP_2M.check("the last step, to sigma_next = 0, is first order and lands on x0", points=1,
+                hint="At σ_next = 0: α_next = 1, σ_t_next = 0 and e^-h = σ_next/σ = 0, so x_next = x0 "
+                     "(diffusers' final_sigmas_type='zero'). log(0) is -inf: take e^-h as σ_next/σ.")
+def _(run, learner):
+    x, x0, x0_prev = _dpm_inputs(run, 7, 0.3)
+    label = "dpmpp_2m_step(x, x0, x0_prev, 0.9, 0.3, 0.0)"
+    got = run.call(learner.dpmpp_2m_step, x, x0, x0_prev, 0.9, 0.3, 0.0, label=label)
+    run.close(got, x0, label, rtol=1e-5, atol=1e-6, kind="tensor")
+
+
+def _dpm_loop(step: Any, noise: torch.Tensor, timesteps: torch.Tensor, data_std: float = 0.5) -> torch.Tensor:
+    """A whole DPM-Solver++(2M) loop on SD's schedule, the exact Gaussian-data model, built from `step`."""
+    sched = sd_schedule()
+    model = gaussian_model.gaussian_data_model(sched, data_std)
+    sig = sigmas_at(sched, timesteps).tolist() + [0.0]
+    x, x0_prev = noise, None
+    for i, t in enumerate(timesteps.tolist()):
+        alpha = 1 / math.sqrt(sig[i] ** 2 + 1)
+        eps = model(x, torch.full((x.shape[0],), t), None).double()
+        x0 = (x.double() - sig[i] * alpha * eps) / alpha
+        x = torch.as_tensor(step(x, x0, x0_prev, sig[i - 1] if i else None, sig[i], sig[i + 1])).double()
+        x0_prev = x0
+    return x
+
+
+@DPMPP_2M.check("Verify: a whole loop of your steps equals the course's dpmpp_2m (and so diffusers')", points=2,
+                hint="Each step: first order when x0_prev is None or sigma_next = 0, second order otherwise. The "
+                     "loop here passes the previous step's x0 and sigma; the course's sampler is "
+                     "course_lib.samplers.dpmpp_2m.")
+def _(run, learner):
+    sched = sd_schedule()
+    for k, n in enumerate((4, 10)):
+        noise = run.randn(2, 4, 8, 8, k=k + 30)
+        ts = make_timesteps(n, spacing="trailing")
+
+        def step(*args, _i=iter(range(n))):
+            i = next(_i)
+            got = run.call(learner.dpmpp_2m_step, *args, label=f"dpmpp_2m_step(...) at step {i} of a {n}-step loop")
+            return run.tensor(got, f"dpmpp_2m_step(...) at step {i}", shape=noise.shape)
+
+        got = _dpm_loop(step, noise, ts)
+        want = samplers.dpmpp_2m(gaussian_model.gaussian_data_model(sched, 0.5), noise, sched, ts)
+        run.close(got, want, f"a {n}-step loop of dpmpp_2m_step against samplers.dpmpp_2m", rtol=1e-4, atol=1e-4,
+                  kind="any")
 
 
 # ==============================================================================================
