@@ -130,18 +130,29 @@ def lesson_time(path: str | Path) -> LessonTime:
         raise ValueError(f"{path} is not a Jupyter notebook (no 'cells')")
     result = LessonTime(name=path.stem)
     optional_level = None  # heading level of the optional section we are in, if any
+
+    def add(counts: Counts) -> None:
+        part = "optional" if optional_level is not None else "core"
+        setattr(result, part, getattr(result, part).add(counts))
+
     for cell in nb["cells"]:
-        if cell.get("cell_type") == "markdown":
-            first = "".join(cell.get("source", "")).lstrip().splitlines()[:1]
-            match = _HEADING.match(first[0]) if first else None
+        if cell.get("cell_type") != "markdown":
+            add(cell_counts(cell))
+            continue
+        # A heading may open a section anywhere in a markdown cell: count the cell piece by piece.
+        piece: list[str] = []
+        for line in "".join(cell.get("source", "")).split("\n"):
+            match = _HEADING.match(line)
             if match:
+                add(cell_counts({"cell_type": "markdown", "source": "\n".join(piece)}))
+                piece = []
                 level, title = len(match.group(1)), match.group(2).strip()
                 if optional_level is not None and level <= optional_level:
                     optional_level = None
                 if optional_level is None and title.lower().endswith(OPTIONAL_MARK):
                     optional_level = level
-        part = "optional" if optional_level is not None else "core"
-        setattr(result, part, getattr(result, part).add(cell_counts(cell)))
+            piece.append(line)
+        add(cell_counts({"cell_type": "markdown", "source": "\n".join(piece)}))
     return result
 
 

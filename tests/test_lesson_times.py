@@ -55,6 +55,19 @@ def test_optional_sections_are_counted_apart_until_the_next_heading_of_their_lev
     assert les.stated == "20 min + 20 optional"
 
 
+def test_a_heading_inside_a_markdown_cell_opens_its_section_there(tmp_path):
+    words = " ".join(["word"] * 300)  # 2 minutes
+    path = tmp_path / "05_demo.ipynb"
+    path.write_text(json.dumps(_nb([
+        _md(f"## 1. Core\n\n{words}\n\n### 1.1 Deeper (optional)\n\n{words}"),
+        _code("x = 1\n"),  # still inside the optional subsection
+        _md(f"{words}\n\n## 2. Core again\n\n{words}"),
+    ])))
+    les = lt.lesson_time(path)
+    assert les.optional.words == 300 + 4 + 300 and les.optional.code_lines == 1
+    assert les.core.words == 2 + 300 + 3 + 300  # "## 1. Core" is 2 words, "## 2. Core again" 3
+
+
 def test_bad_notebook_gets_a_clear_error(tmp_path):
     bad = tmp_path / "05_bad.ipynb"
     bad.write_text("{not json")
