@@ -89,7 +89,8 @@ class TinySD:
                  negative_prompt: str | list[str] | None = None, sampler: str = "ddim",
                  generator: torch.Generator | None = None, callback: Callable | None = None,
                  return_latents: bool = False, latents: torch.Tensor | None = None, guidance_rescale: float = 0.0,
-                 spacing: Spacing | None = None, **sampler_kwargs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                 spacing: Spacing | None = None, rescale_space: str = "prediction",
+                 **sampler_kwargs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 3, 64, 64) in [-1, 1] for ``prompts``.
 
         guidance_scale: 1 turns guidance off (one U-Net pass per step); above 1 follows the prompt
@@ -101,6 +102,10 @@ class TinySD:
         num_steps steps visit ("leading", "trailing" or "linspace", see ``schedules.make_timesteps``);
         None keeps the sampler's own default, SD 1.x's "leading". With 1 or 2 steps "leading" starts
         at t = 1 or 501 and cannot remove all the noise: use "trailing" for very few steps.
+        guidance_rescale, rescale_space: Lin et al.'s guidance rescale (0: off). "prediction" rescales the
+        U-Net's output as diffusers does (the noise, for this epsilon model); "v" rescales in v-space, where the
+        paper defines it (ComfyUI's RescaleCFG), which is what removes this model's over-saturation at high
+        scales (lesson 4, section 5).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -132,7 +137,8 @@ class TinySD:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         x = latents.to(self.device, self.dtype)
         scale = float(scales) if scales.ndim == 0 else scales.to(self.device)
-        model = guided_model(self.unet, cond, uncond, scale, guidance_rescale)
+        model = guided_model(self.unet, cond, uncond, scale, guidance_rescale, rescale_space=rescale_space,
+                             schedule=self.schedule)
         steps = num_steps if spacing is None else make_timesteps(
             num_steps, self.schedule.num_train_timesteps, spacing, steps_offset=1)
         z = sample(sampler, model, x, self.schedule, steps, None,
