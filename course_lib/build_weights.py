@@ -20,10 +20,11 @@ import torch
 from . import data
 from .clip import CLIPConfig
 from .controlnet_train import ControlNetTraining, quick_training, train_controlnet
-from .evaluator import EvaluatorConfig
+from .evaluator import EvaluatorConfig, load_evaluator
+from .inpainting import quick_inpaint_check
 from .tiny_sd import TinySD
-from .train import (MODELS, CLIPTraining, DataSettings, EvaluatorTraining, UNetTraining, VAETraining, quick_settings,
-                    train_clip, train_evaluator, train_unet, train_vae)
+from .train import (MODELS, CLIPTraining, DataSettings, EvaluatorTraining, InpaintUNetTraining, UNetTraining,
+                    VAETraining, quick_settings, train_clip, train_evaluator, train_inpaint_unet, train_unet, train_vae)
 from .vae import VAEConfig
 from .weights import WEIGHTS_DIR
 
@@ -79,11 +80,30 @@ def main(argv: list[str] | None = None) -> None:
         elif name == "unet":
             tc, cfg = settings(name, UNetTraining(), None)
             train_unet(scenes, heldout, tc=tc, config=cfg, pipeline=TinySD.from_models, **common)
-        else:  # the ControlNet trains against the frozen U-Net just written to `out`
+        elif name == "controlnet":  # the ControlNet trains against the frozen U-Net just written to `out`
             train_controlnet(scenes, heldout, tc=quick_training() if args.quick else None,
                              pipeline=TinySD.from_models, **common)
+        else:  # the inpainting U-Net starts from the U-Net in `out`
+            tc, _ = settings(name, InpaintUNetTraining(), None)
+            train_inpaint_unet(scenes, heldout, tc=tc, measure=inpaint_measure(out, heldout, tc.eval_scenes, args.device),
+                               **common)
         print(f"{name}: trained in {time.time() - t:.0f}s -> {out / name}.safetensors")
     print(f"all done in {time.time() - t0:.0f}s")
+
+
+def inpaint_measure(out: Path, heldout: data.Scenes, n: int, device="cpu"):
+    """The inpainting U-Net card's check: ``inpainting.quick_inpaint_check`` on ``n`` held-out scenes, with the
+    VAE, CLIP and evaluator in ``out`` (nothing, without an evaluator there)."""
+    from .weights import load_clip, load_unet, load_vae
+
+    def measure(unet):
+        if not n or not (out / "evaluator.json").exists():
+            return {}
+        sd = TinySD.from_models(load_vae(out, device=device), load_clip(out, device=device),
+                                load_unet(out, device=device))
+        return quick_inpaint_check(sd, unet, heldout, load_evaluator(out, device=device), n=n)
+
+    return measure
 
 
 def controlnet_main(argv: list[str] | None = None) -> None:

@@ -31,13 +31,14 @@ from . import data
 from .clip import CLIP, CLIPConfig, Tokenizer, contrastive_loss
 from .evaluator import (Evaluator, EvaluatorConfig, attribute_accuracy, crop_loss_fn, crop_targets, load_evaluator,
                         loss_fn, prompt_adherence, readable_objects, targets)
+from .inpainting import MaskSettings, inpaint_unet_from_base, latent_mask, masked_image, random_masks
 from .metrics import clip_metrics, unet_metrics, vae_metrics
 from .schedules import add_noise, sd_schedule
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig, compute_scaling_factor
-from .weights import WEIGHTS_DIR, library_versions, load_clip, load_vae, save_model
+from .weights import WEIGHTS_DIR, library_versions, load_clip, load_unet, load_vae, read_card, save_model
 
-MODELS = ("evaluator", "vae", "clip", "unet", "controlnet")  # in training order: each may use the ones before
+MODELS = ("evaluator", "vae", "clip", "unet", "controlnet", "inpaint_unet")  # in training order: each may use the ones before
 
 
 # --- Training settings: one small dataclass per model. ---------------------------------------------
@@ -495,6 +496,108 @@ def train_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings
     return ema
 
 
+# --- 5. The inpainting U-Net (lesson 9). ----------------------------------------------------------------------
+
+@dataclass
+class InpaintUNetTraining:
+    steps: int = 500  # optimiser steps, fine-tuning the shipped U-Net (SD 1.5-inpainting: 440k steps from SD 1.2)
+    batch_size: int = 32  # latents per step
+    n_scenes: int = 5_000  # training scenes pre-encoded once (latents, text states); their masks kept for masking
+    lr: float = 1e-3  # peak AdamW learning rate, constant after warm-up (half the U-Net's: it starts trained)
+    caption_dropout: float = 0.1  # captions replaced by "", as for the U-Net: classifier-free guidance needs it
+    min_snr_gamma: float | None = 5.0  # Min-SNR weighting, as the U-Net was trained (None: plain MSE)
+    masks: MaskSettings = dataclasses.field(default_factory=MaskSettings)  # kinds of random mask and their shares
+    ema_decay: float = 0.995  # the shipped weights are an EMA (short: the run is short)
+    eval_scenes: int = 32  # held-out scenes for the model card's quick inpainting check
+    snapshot_every: int = 100  # also save the EMA weights every this many steps to runs/inpaint_unet_snapshots/
+    seed: int = 0
+
+
+def train_inpaint_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings = DataSettings(),
+                       tc: InpaintUNetTraining | None = None, out_dir: str | Path = WEIGHTS_DIR, device="cpu",
+                       vae: VAE | None = None, clip: CLIP | None = None, unet: UNet | None = None, quiet: bool = False,
+                       measure: Callable[[UNet], dict] | None = None) -> UNet:
+    """Fine-tune a 9-channel inpainting U-Net from the trained U-Net in ``out_dir``, as SD's inpainting model.
+
+    Start: ``inpainting.inpaint_unet_from_base`` (every weight of the U-Net, the 5 new input channels of
+    conv_in zero: at step 0 it is the base model). One step (Rombach et al. 2022, section 4.5; the SD
+    1.5-inpainting model card: "synthetic masks, in 25% mask everything"):
+        z0 = scaling_factor * (mean + std * n); t ~ U{0..999}; z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps
+        m ~ random mask (full / rectangle / one object of the scene, dilated / free strokes), 1 = repaint
+        c = cat([latent_mask(m), scaling_factor * vae.encode(image * (m < 0.5)).sample()])     (B, 5, 16, 16)
+        loss = w_t |eps - eps_theta(cat([z_t, c]), t, text)|^2             Min-SNR weighted, 10% captions ""
+    The masked image is encoded at every step (its mask is new each time); the scenes' latents and text
+    states are encoded once. measure: maps the EMA U-Net to the card's metrics (``build_weights`` passes the
+    inpainting check of ``inpainting``; the training loop itself never imports the pipeline).
+    Writes ``inpaint_unet.safetensors`` and its card ``inpaint_unet.json``.
+    """
+    tc = tc or InpaintUNetTraining()
+    started, cpu_started = time.time(), time.process_time()
+    vae = (vae if vae is not None else load_vae(out_dir, device=device)).eval().requires_grad_(False)
+    clip = (clip if clip is not None else load_clip(out_dir, device=device)).eval().requires_grad_(False)
+    base = (unet if unet is not None else load_unet(out_dir, device=device)).eval()
+    torch.manual_seed(tc.seed)
+    g = torch.Generator(device=device).manual_seed(tc.seed)
+    gi = torch.Generator().manual_seed(tc.seed)
+    gm = torch.Generator().manual_seed(tc.seed + 1)  # masks and the masked images' posterior samples
+    n = min(len(scenes), tc.n_scenes)
+    encoded = EncodedScenes.encode(vae, clip, scenes, n, device)
+    images, object_masks, n_objects = scenes.images[:n], scenes.masks[:n], scenes.n_objects[:n]
+    prep_s = time.time() - started
+    schedule = sd_schedule()
+    snr = schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)  # (T,)
+    model = inpaint_unet_from_base(base).to(device).train()
+    ema = inpaint_unet_from_base(base).to(device).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=0.0)
+    log = LossLog()
+    snapshots = []
+    factor, scale = vae.config.downsample_factor, vae.config.scaling_factor
+    with _bar(tc.steps, "inpaint_unet", quiet) as bar:
+        for step, idx in enumerate(batches(n, tc.batch_size, tc.steps, gi)):
+            zt, t, eps, context = encoded.noisy_batch(idx, schedule, tc.caption_dropout, g)
+            m = random_masks(object_masks[idx], n_objects[idx], gm, tc.masks)  # (B, 1, 64, 64), 1 = repaint
+            with torch.no_grad():
+                post = vae.encode(masked_image(data.to_float(images[idx]), m).to(device))
+                z_masked = scale * (post.mean + post.std * torch.randn(post.mean.shape, generator=gm).to(device))
+            x_in = torch.cat([zt, latent_mask(m, factor).to(device), z_masked], 1)  # (B, 9, 16, 16)
+            loss = min_snr_loss(model(x_in, t, context), eps, t, snr, tc.min_snr_gamma)
+            optimiser_step(opt, loss, lr_at(step, tc.steps, tc.lr, cosine=False), model.parameters())
+            with torch.no_grad():
+                d = min(tc.ema_decay, (1 + step) / (10 + step))
+                for pe, pm in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(pm, 1 - d)
+            log.add(loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            if tc.snapshot_every and (step + 1) % tc.snapshot_every == 0 and step + 1 < tc.steps:
+                snap = dataclasses.replace(tc, steps=step + 1)
+                card = _card(data_cfg, snap, log, {}, started, device)
+                save_model(ema, f"inpaint_unet-step{step + 1}", ema.config, card,
+                           WEIGHTS_DIR.parent / "runs" / "inpaint_unet_snapshots")  # git-ignored
+                snapshots.append(step + 1)
+                bar.write(f"inpaint_unet step {step + 1}: loss {sum(log.values[-100:]) / len(log.values[-100:]):.4f} "
+                          f"({time.time() - started:.0f}s)")
+    train_s = time.time() - started - prep_s
+    ema.eval()
+    metrics = measure(ema) if measure is not None else {}
+    card = _card(data_cfg, tc, log, metrics, started, device)
+    card.update({"wall_time_breakdown_s": {"pre_encode": round(prep_s, 1), "train": round(train_s, 1),
+                                           "evaluate": round(time.time() - started - prep_s - train_s, 1)},
+                 "cpu_time_s": round(time.process_time() - cpu_started, 1),
+                 "initialised_from": "unet (conv_in's 5 extra input channels zero)",
+                 "base_unet_sha256": _sha_or_none(out_dir, "unet"),
+                 "input_channels": "cat([z_t (4), latent mask (1, max-pooled), masked image latent (4)])"})
+    save_model(ema, "inpaint_unet", ema.config, card, out_dir)
+    return ema
+
+
+def _sha_or_none(out_dir, name: str) -> str | None:
+    try:
+        return read_card(name, out_dir).get("sha256")
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 # --- The command. -------------------------------------------------------------------------------------
 
 def quick_settings() -> dict:
@@ -510,6 +613,8 @@ def quick_settings() -> dict:
         "unet": (UNetTraining(steps=5, batch_size=8, n_scenes=256, eval_captions=4, snapshot_every=0),
                  UNetConfig(block_channels=(16, 16), layers_per_block=1, heads=2, context_dim=32,
                             time_embed_dim=32, norm_groups=8, ff_mult=1)),
+        "inpaint_unet": (InpaintUNetTraining(steps=5, batch_size=8, n_scenes=256, eval_scenes=4, snapshot_every=0),
+                         None),  # its architecture is the U-Net's, with 9 input channels
     }
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"  # the shipped weights
 CARD_VERSION = 1
-_TRAIN_COMMAND = {"evaluator": "evaluator", "vae": "vae", "clip": "clip", "unet": "unet"}
+_TRAIN_COMMAND = {"evaluator": "evaluator", "vae": "vae", "clip": "clip", "unet": "unet", "inpaint_unet": "inpaint_unet"}
 
 
 def retrain_hint(name: str) -> str:
@@ -232,6 +232,18 @@ def load_unet(weights_dir=None, device=None, dtype=None):
     from .unet import UNet, UNetConfig
 
     return load_model("unet", UNetConfig, UNet, weights_dir, device, dtype)
+
+
+def load_inpaint_unet(weights_dir=None, device=None, dtype=None):
+    """The course's inpainting U-Net (``weights/inpaint_unet.*``): the U-Net's architecture with 9 input channels,
+    cat([noisy latent, mask, masked image latent]) as SD's inpainting model; lesson 9, ``course_lib.inpainting``."""
+    from .unet import UNet, UNetConfig
+
+    model = load_model("inpaint_unet", UNetConfig, UNet, weights_dir, device, dtype)
+    if model.config.in_channels != 9:
+        raise WeightsError(f"inpaint_unet's card says in_channels={model.config.in_channels}; an inpainting U-Net "
+                           "takes 9 (latent 4, mask 1, masked image latent 4). " + retrain_hint("inpaint_unet"))
+    return model
 
 # The evaluator's and the ControlNet's loaders live beside their models: evaluator.load_evaluator,
 # controlnet.load_controlnet.
