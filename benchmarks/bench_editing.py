@@ -19,7 +19,8 @@ stored under its own key of bench_editing.json, so a part can be rerun or added 
   reconstruction error (latent MSE against z0 = the posterior mean; image PSNR of the decoded reconstruction
   against the decoded z0, so the VAE's own error is left out) against the number of DDIM steps without
   guidance, and against the guidance scale (the same scale for inversion and sampling); plain DDIM inversion
-  beside exact inversion by damped fixed-point iteration (``fixed_point_iters``, ``relaxation``).
+  beside exact inversion by fixed-point iteration with Anderson acceleration (``fixed_point_iters``,
+  ``anderson_memory``, ``relaxation``).
 
 Inpainting and prompt-to-prompt parts belong here too: add a function to PARTS.
 Figure: editing_curves.png. Results: bench_editing.json. In artifacts/, or assets/ with --write-assets.
@@ -117,10 +118,11 @@ def part_img2img(sd, evaluator, args) -> dict:
 # DDIM inversion
 
 
-def round_trip(sd, z0, prompts, steps, w, iters, relaxation) -> dict:
+def round_trip(sd, z0, prompts, steps, w, iters, memory, relaxation) -> dict:
     """Invert, reconstruct, and score the reconstruction against z0 (latents) and decode(z0) (pixels)."""
     t0 = time.time()
-    zT = editing.ddim_invert(sd, z0, prompts, steps, w, fixed_point_iters=iters, relaxation=relaxation)
+    zT = editing.ddim_invert(sd, z0, prompts, steps, w, fixed_point_iters=iters, anderson_memory=memory,
+                             relaxation=relaxation)
     rec = editing.reconstruct(sd, zT, prompts, steps, w)
     mse = ((rec - z0) ** 2).flatten(1).mean(1)  # (B,)
     p = psnr(sd.decode_latents(rec), sd.decode_latents(z0))  # (B,)
@@ -133,8 +135,9 @@ def part_inversion(sd, evaluator, args) -> dict:
     scenes = data.generate(args.n_inversion, seed=1, split="heldout")
     z0 = editing.encode_images(sd, scenes.images_float(), sample_posterior=False)
     prompts = scenes.captions
-    k, lam = args.fixed_point_iters, args.relaxation
-    methods = {"plain": (0, 1.0), f"exact ({k} fixed-point iterations, relaxation {lam:g})": (k, lam)}
+    k, m, lam = args.fixed_point_iters, args.anderson_memory, args.relaxation
+    methods = {"plain": (0, m, lam), f"exact ({k} Anderson fixed-point iterations, memory {m}, damping {lam:g})":
+               (k, m, lam)}
     print(f"## DDIM inversion: {len(scenes)} held-out scenes with their own captions; latent MSE against z0 "
           f"(its variance: {z0.var().item():.3f}) and PSNR of the decoded reconstruction against decode(z0)\n")
     by_steps = [{"steps": n, "method": m, **round_trip(sd, z0, prompts, n, 1.0, *methods[m])}
@@ -154,7 +157,8 @@ def part_inversion(sd, evaluator, args) -> dict:
         print(f"| {r['guidance_scale']:g} | {r['method']} | {r['latent_mse']:.2e} | {r['latent_mse_median']:.2e} | "
               f"{r['latent_mse_worst']:.2e} | {r['psnr_db']:.1f} dB | {r['zT_std']:.2f} | {r['seconds']} |")
     print()
-    return {"n_scenes": len(scenes), "latent_variance": z0.var().item(), "fixed_point_iters": k, "relaxation": lam,
+    return {"n_scenes": len(scenes), "latent_variance": z0.var().item(), "fixed_point_iters": k,
+            "anderson_memory": m, "relaxation": lam,
             "guidance_sweep_steps": args.inversion_steps, "by_steps": by_steps, "by_guidance_scale": by_scale}
 
 
@@ -223,6 +227,7 @@ def main(argv=None):
     ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="img2img's guidance scale")
     ap.add_argument("--inversion-steps", type=int, default=20, help="DDIM steps of the guidance sweep")
     ap.add_argument("--fixed-point-iters", type=int, default=5, help="exact inversion's iterations per step")
+    ap.add_argument("--anderson-memory", type=int, default=3, help="exact inversion's Anderson memory (0: none)")
     ap.add_argument("--relaxation", type=float, default=0.5, help="exact inversion's damping")
     add_run_args(ap, card="unet")
     args = ap.parse_args(argv)
