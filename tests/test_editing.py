@@ -219,3 +219,34 @@ def test_wrong_prompts_latents_and_settings_are_refused(sd, scenes, z0):
         editing.ddim_invert(sd, z0, NEW, 5, fixed_point_iters=2, relaxation=0.0)
     with pytest.raises(ValueError, match="num_steps"):
         editing.img2img_timesteps(0, 0.5)
+
+
+# -----------------------------------------------------------------------------
+# the benchmark runs end to end (its full numbers: assets/bench_editing.json)
+
+
+def test_benchmark_runs_a_part_and_keeps_the_others(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    stored = {"inpainting": {"kept": True}}  # e.g. a part added later, run before
+    (tmp_path / "bench_editing.json").write_text(json.dumps(stored))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    cmd = [sys.executable, str(root / "benchmarks" / "bench_editing.py"), "--threads", "1", "--assets", str(tmp_path)]
+    proc = subprocess.run(cmd + ["--parts", "img2img", "--n-img2img", "2", "--steps", "2"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench_editing.json").read_text())
+    assert result["inpainting"] == {"kept": True}  # a part not run keeps its stored results
+    rows = result["img2img"]["edits"]["colour"]["rows"]
+    assert [r["strength"] for r in rows][0] == 0.0 and rows[-1]["strength"] == 1.0
+    assert rows[0]["steps_run"] == 0 and rows[-1]["steps_run"] == 2
+    assert all(0 <= r["edge_f1"] <= 1 and 0 <= r["changed_attribute"] <= 1 for r in rows)
+    assert (tmp_path / "editing_curves.png").stat().st_size > 0
+    bad = subprocess.run(cmd + ["--parts", "outpainting"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "unknown part" in bad.stderr
