@@ -599,3 +599,30 @@ def test_parameter_counts_equal_diffusers_on_the_meta_device():
     assert count_parameters(meta_unet(SD15_UNET)) == SD15_UNET_PARAMETERS
     assert count_parameters(meta_unet(SDXL_UNET)) == SDXL_UNET_PARAMETERS
     assert math.isclose(SDXL_UNET_PARAMETERS / SD15_UNET_PARAMETERS, 2.99, abs_tol=0.01)
+
+
+def test_the_rescale_in_v_space_check_catches_rescaling_the_noise_and_batch_wide_alpha_bar():
+    """Right (the library's own function): every point. Rescaling eps itself fails the equality checks and the
+    high-noise check; treating a (B,) alpha_bar as the first row's for the whole batch fails the per-sample case."""
+    from course_lib.guidance import rescale_cfg_in_v_space, rescale_noise_cfg
+
+    ex = EXERCISES["rescale_in_v_space"]
+    result = ex.run(LocalAgent({"rescale_in_v_space": rescale_cfg_in_v_space}))
+    assert result.passed, result.render_text()
+
+    def in_eps_space(guided, cond, x_t, alpha_bar, phi):
+        return rescale_noise_cfg(guided, cond, phi)
+
+    result = ex.run(LocalAgent({"rescale_in_v_space": in_eps_space}))
+    failed = {c.name: c for c in result.checks if not c.passed}
+    assert "at high noise it is not the rescale of the noise itself" in failed
+    assert any(name.startswith("equals the course's") for name in failed)
+    assert any(name.startswith("Verify") for name in failed)
+
+    def first_alpha_bar(guided, cond, x_t, alpha_bar, phi):
+        ab = float(torch.as_tensor(alpha_bar).flatten()[0])
+        return rescale_cfg_in_v_space(guided, cond, x_t, ab, phi)
+
+    result = ex.run(LocalAgent({"rescale_in_v_space": first_alpha_bar}))
+    assert [c.name for c in result.checks if not c.passed] == [
+        next(c.name for c in result.checks if c.name.startswith("equals the course's"))]

@@ -19,7 +19,7 @@ against a sandboxed kernel, for the graded exercises only (`EXERCISES`). The fra
 | vae | vae_compression, reparameterise (01_vae_exercises) | scaling_factor (01_vae_latent_space) |
 | attention | cross_attention_head (02_cross_attention_exercises) | attention_heads (02_cross_attention) |
 | clip | contrastive_loss (03_clip_exercises) | clip_context (03_clip) |
-| guidance | cfg_simulator, guidance_rescale (04_guidance_exercises) | per_sample_guidance (04_classifier_free_guidance) |
+| guidance | cfg_simulator, guidance_rescale, rescale_in_v_space (04_guidance_exercises) | per_sample_guidance (04_classifier_free_guidance) |
 | samplers | ddim_step_estimator, euler_step, dpmpp_2m_step (05_samplers_exercises) | timestep_spacing (05_ddim_and_samplers) |
 | controlnet | zero_convolution, edge_map_from_mask (06_controlnet_exercises) | combine_controls (06_controlnet) |
 | pipeline | guided_denoising_step (07_pipeline_exercises) | pipeline_shapes (07_complete_pipeline) |
@@ -49,6 +49,7 @@ EXERCISES: dict[str, Exercise] = {
         clip.CONTRASTIVE,
         guidance.CFG_SIMULATOR,
         guidance.RESCALE,
+        guidance.V_RESCALE,
         samplers.DDIM_ESTIMATOR,
         samplers.EULER,
         samplers.DPMPP_2M,

@@ -4,6 +4,7 @@
 | --- | --- | --- |
 | cfg_simulator | solutions/04_guidance_exercises.ipynb | graded exercise (episode 85's CFG scale simulator) |
 | guidance_rescale | solutions/04_guidance_exercises.ipynb | graded exercise |
+| rescale_in_v_space | solutions/04_guidance_exercises.ipynb | graded exercise |
 | per_sample_guidance | notebooks/04_classifier_free_guidance.ipynb | check yourself |
 
 Notation (code name -> paper symbol):
@@ -63,6 +64,23 @@ def rescale_noise_cfg(guided: torch.Tensor, pred_cond: torch.Tensor, guidance_re
     std_guided = guided.double().std(dim=dims, keepdim=True)  # (B, 1, ...)
     rescaled = guided.double() * (std_cond / std_guided)
     return guidance_rescale * rescaled + (1 - guidance_rescale) * guided.double()
+
+
+def eps_to_v(eps: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """v = (eps - sqrt(1 - alpha_bar) x_t) / sqrt(alpha_bar); alpha_bar broadcast as (B, 1, ...)."""
+    return (eps.double() - (1 - alpha_bar) ** 0.5 * x_t.double()) / alpha_bar**0.5
+
+
+def v_to_eps(v: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    return alpha_bar**0.5 * v + (1 - alpha_bar) ** 0.5 * x_t.double()
+
+
+def rescale_in_v_space(guided, pred_cond, x_t, alpha_bar, guidance_rescale: float) -> torch.Tensor:
+    """Guidance rescale for an epsilon model done on v (ComfyUI's RescaleCFG; course_lib.guidance.rescale_cfg_in_v_space)."""
+    ab = torch.as_tensor(alpha_bar, dtype=torch.float64)
+    ab = ab.view(-1, *([1] * (x_t.ndim - 1))) if ab.ndim == 1 else ab  # (B,) -> (B, 1, ...)
+    v_out = rescale_noise_cfg(eps_to_v(guided, x_t, ab), eps_to_v(pred_cond, x_t, ab), guidance_rescale)
+    return v_to_eps(v_out, x_t, ab)
 
 
 # ==============================================================================================
@@ -221,6 +239,66 @@ def _(run, learner):
         run.close(got, rescale_noise_cfg(apply_cfg(uncond, cond, scale), cond, phi),
                   f"guided_prediction(uncond, cond, {scale}, guidance_rescale={phi})", rtol=1e-4, atol=1e-5,
                   kind="tensor")
+
+
+# ==============================================================================================
+# Exercise: guidance rescale in v-space, where it works for an epsilon model (lesson 4, section 5)
+# ==============================================================================================
+V_RESCALE = Exercise("rescale_in_v_space", "Guidance rescale in v-space", targets=("rescale_in_v_space",))
+
+
+def _v_case(run: Run, k: int, shape=(3, 4, 8, 8)):
+    """Noise predictions at x_t as an epsilon model makes them: eps ~ x_t at high noise, plus a guided one."""
+    x_t = run.randn(*shape, k=k)
+    uncond = 0.9 * x_t + 0.3 * run.randn(*shape, k=k + 1)
+    cond = uncond + 0.2 * run.randn(*shape, k=k + 2)
+    return x_t, apply_cfg(uncond, cond, 12.0), cond
+
+
+@V_RESCALE.check("equals the course's rescale_cfg_in_v_space (ComfyUI's RescaleCFG) for one alpha_bar and for one per sample",
+                 points=3, hint="v = (eps - sqrt(1 - alpha_bar) x_t) / sqrt(alpha_bar) for the guided and the conditional "
+                                "prediction; rescale the guided v to the conditional v's std per sample and mix with phi; "
+                                "back with eps = sqrt(alpha_bar) v + sqrt(1 - alpha_bar) x_t. A (B,) alpha_bar must be "
+                                "viewed as (B, 1, 1, 1) before it multiplies a (B, C, H, W) tensor.")
+def _(run, learner):
+    cases = [((3, 4, 8, 8), 0.3, 0.7), ((2, 16), 0.9, 0.5), ((3, 4, 6, 6), torch.tensor([0.01, 0.5, 0.99]), 0.7)]
+    for k, (shape, ab, phi) in enumerate(cases):
+        x_t, guided, cond = _v_case(run, 3 * k, shape)
+        got = run.call(learner.rescale_in_v_space, guided, cond, x_t, ab, phi)
+        what = f"alpha_bar {ab:g}" if isinstance(ab, float) else "alpha_bar (0.01, 0.5, 0.99), one per sample"
+        run.close(got, rescale_in_v_space(guided, cond, x_t, ab, phi), f"rescale_in_v_space(<{tuple(shape)}>, {what}, phi={phi})",
+                  rtol=1e-4, atol=1e-5, kind="tensor")
+
+
+@V_RESCALE.check("at high noise it is not the rescale of the noise itself",
+                 hint="Rescaling eps directly (diffusers' rescale_noise_cfg on an epsilon model) barely changes anything "
+                      "when alpha_bar is small: eps is then mostly x_t. Convert both predictions to v first.")
+def _(run, learner):
+    x_t, guided, cond = _v_case(run, 20)
+    got = run.call(learner.rescale_in_v_space, guided, cond, x_t, 0.01, 1.0)
+    run.close(got, rescale_in_v_space(guided, cond, x_t, 0.01, 1.0), "rescale_in_v_space(..., alpha_bar=0.01, phi=1)",
+              rtol=1e-4, atol=1e-5, kind="tensor")
+
+
+@V_RESCALE.check("phi = 0 returns the guided prediction unchanged", hint="(1 - 0) · v_guided + 0 · v_rescaled = v_guided, "
+                 "and converting v back gives the guided eps again.")
+def _(run, learner):
+    x_t, guided, cond = _v_case(run, 30)
+    run.close(run.call(learner.rescale_in_v_space, guided, cond, x_t, 0.3, 0.0), guided,
+              "rescale_in_v_space(..., phi=0.0)", rtol=1e-4, atol=1e-5, kind="tensor")
+
+
+@V_RESCALE.check("Verify: with phi = 1 each result, read as v, has the std of its conditional v",
+                 hint="This is the method: the guided v takes the spread of the conditional v, the spread of the image "
+                      "the model is heading for, which high scales inflate.")
+def _(run, learner):
+    x_t, guided, cond = _v_case(run, 40)
+    got = run.tensor(run.call(learner.rescale_in_v_space, guided, cond, x_t, 0.2, 1.0), "rescale_in_v_space(..., 1.0)",
+                     shape=guided.shape)
+    ab = torch.tensor(0.2, dtype=torch.float64)
+    v_got = eps_to_v(torch.as_tensor(got), x_t, ab)
+    run.close(v_got.flatten(1).std(1), eps_to_v(cond, x_t, ab).flatten(1).std(1), "the std of each result as v",
+              rtol=1e-4, kind="tensor")
 
 
 # ==============================================================================================
