@@ -17,7 +17,7 @@ Where this tiny CLIP differs from the real one, on purpose:
 - **Tokeniser.** The text is cut exactly as SD's CLIP cuts it: the real byte-pair encoding
   (``clip_bpe.ClipBPE``, 49,408 entries: lower case, punctuation as its own pieces, contractions,
   sub-word pieces such as "hex" + "agon"). Only the embedding table is smaller: it has one row per
-  BPE token that the *training captions* use (66 of them, plus start, end, padding and unknown), not
+  BPE token that the *training captions* use (65 of them, plus start, end, padding and unknown), not
   49,408 rows (6.3M parameters for words the model never saw). Which BPE ids are kept is part of
   ``CLIPConfig`` (``bpe_ids``), so a model card rebuilds its tokeniser. Words the training captions
   never hold (typos, the reserved "heart", "moon", "brown") become the unknown token, with an
