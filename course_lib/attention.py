@@ -104,7 +104,9 @@ class Attention(nn.Module):
         v = self._split_heads(self.to_v(ctx))  # (B, heads, Lk, d)
         if self.store is not None:
             out, probs = attention(q, k, v, backend="math", return_probs=True)
-            self.store.record(self, probs)
+            edited = self.store.record(self, probs)
+            if edited is not None:  # a store that edits attention (prompt_to_prompt.AttentionEdit) returns new probs
+                out = torch.matmul(edited, v)  # (B, heads, Lq, d)
         else:
             out = attention(q, k, v, backend=self.backend)
         b, h, n, d = out.shape
@@ -131,6 +133,8 @@ class AttentionStore:
     ``maps`` maps each layer's name to a list with one tensor per forward call (per sampler
     step; with classifier-free guidance the batch holds the unconditional half first). Tensors
     are detached and moved to the CPU. ``kind`` picks "cross", "self" or "all" layers.
+    ``record`` returns None here; a subclass whose ``record`` returns a tensor of the same shape
+    replaces the layer's probabilities with it (``prompt_to_prompt.AttentionEdit``, lesson 9).
     """
 
     def __init__(self, model: nn.Module, kind: Literal["cross", "self", "all"] = "cross"):
