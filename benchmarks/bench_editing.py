@@ -14,7 +14,8 @@ stored under its own key of bench_editing.json, so a part can be rerun or added 
   own edge map, 1 px, as bench_controlnet.py scores layout; PSNR against the input image) and how well the new
   prompt is followed (``evaluator.prompt_adherence`` with the new prompt: the changed attribute alone, and the
   whole prompt, i.e. the edit done *and* every other attribute kept). Strength 0 is the VAE's reconstruction:
-  the ceiling of layout kept.
+  the ceiling of layout kept; text-to-image from the same noise with no image is the floor, and shows how much
+  of the layout strength 1 still keeps (SD's "leading" timesteps start at t = 951, where 9% of z0 remains).
 - **inversion** (``editing.ddim_invert`` then ``editing.reconstruct``, both with the scene's own caption):
   reconstruction error (latent MSE against z0 = the posterior mean; image PSNR of the decoded reconstruction
   against the decoded z0, so the VAE's own error is left out) against the number of DDIM steps without
@@ -100,7 +101,17 @@ def part_img2img(sd, evaluator, args) -> dict:
                          "changed_attribute": adh["per_attribute"][change], "whole_prompt": adh["adherence"],
                          "position": adh["per_attribute"]["position"], "size": adh["per_attribute"]["size"]})
             samples.setdefault(change, []).append(out[:4])
-        results["edits"][change] = {"example": prompts[0], "original": scenes.captions[0], "rows": rows}
+        # the reference: text-to-image from the same noise, no image at all (what strength 1 would be if the
+        # image did not leak through the first timestep's sqrt(alpha_bar))
+        _, z = sd.generate(prompts, args.steps, args.guidance, latents=noise, return_latents=True)
+        out = sd.decode_latents(z)
+        adh = prompt_adherence(out, prompts, evaluator)
+        t2i = {"edge_f1": edges.edge_f1(edges.canny_edges(out), scenes.edges, EDGE_TOLERANCE)["f1"].mean().item(),
+               "psnr_db": psnr(out, images).mean().item(), "changed_attribute": adh["per_attribute"][change],
+               "whole_prompt": adh["adherence"], "position": adh["per_attribute"]["position"],
+               "size": adh["per_attribute"]["size"]}
+        results["edits"][change] = {"example": prompts[0], "original": scenes.captions[0], "rows": rows,
+                                    "text_to_image_same_noise": t2i}
         print(f"### New {change}, e.g. \"{scenes.captions[0]}\" -> \"{prompts[0]}\"\n")
         print(f"| strength | steps run | edge F1 vs input (layout kept) | PSNR vs input | new {change} | "
               "whole new prompt | position kept | size kept |")
@@ -109,6 +120,9 @@ def part_img2img(sd, evaluator, args) -> dict:
             print(f"| {r['strength']:.1f} | {r['steps_run']} | {pct(r['edge_f1'])} | {r['psnr_db']:.1f} dB | "
                   f"{pct(r['changed_attribute'])} | {pct(r['whole_prompt'])} | {pct(r['position'])} | "
                   f"{pct(r['size'])} |")
+        print(f"| text-to-image, same noise, no image | {args.steps} | {pct(t2i['edge_f1'])} | {t2i['psnr_db']:.1f} dB | "
+              f"{pct(t2i['changed_attribute'])} | {pct(t2i['whole_prompt'])} | {pct(t2i['position'])} | "
+              f"{pct(t2i['size'])} |")
         print()
     results["_samples"] = (images[:4], samples)
     return results
@@ -187,6 +201,9 @@ def save_figure(results: dict, path: Path) -> None:
             ax.plot(s, [r["edge_f1"] for r in rows], "o-", label="layout kept (edge F1 vs input)")
             ax.plot(s, [r["changed_attribute"] for r in rows], "s-", label=f"new {change} followed")
             ax.plot(s, [r["whole_prompt"] for r in rows], "^--", label="whole new prompt true")
+            t2i = results["img2img"]["edits"][change].get("text_to_image_same_noise")
+            if t2i:
+                ax.axhline(t2i["edge_f1"], color="C0", ls=":", lw=1, label="edge F1 of text-to-image (no image)")
             ax.set_xlabel("strength")
             ax.set_ylim(0, 1.02)
             ax.set_title(f"img2img: new {change} ({results['img2img']['n_scenes']} scenes)")

@@ -148,13 +148,13 @@ def img2img_from_latents(sd: TinySD, latents: torch.Tensor, prompts: str | list[
     timesteps = img2img_timesteps(num_steps, strength, sd.schedule.num_train_timesteps)
     if noise is not None and tuple(noise.shape) != tuple(latents.shape):
         raise ValueError(f"noise must have the latents' shape {tuple(latents.shape)}, got {tuple(noise.shape)}")
+    model = _guided(sd, prompts, guidance_scale, negative_prompt)  # checks the scale and negative prompts
     if len(timesteps) == 0:  # strength < 1 / num_steps: no step runs; the image comes back as it went in
         return latents.clone()
     z0 = latents.to(sd.device, sd.dtype)
     if noise is None:
         noise = _randn_like(z0, generator)
     x = add_noise(z0, noise.to(z0.device, z0.dtype), int(timesteps[0]), sd.schedule)  # (B, 4, 16, 16) at t0
-    model = _guided(sd, prompts, guidance_scale, negative_prompt)
     return sample(sampler, model, x, sd.schedule, timesteps, None, prediction_type=sd.unet.config.prediction_type,
                   generator=generator, callback=callback)
 
@@ -176,7 +176,7 @@ def img2img(sd: TinySD, images: torch.Tensor, prompts: str | list[str], strength
 
     strength: 0 keeps the image (no step runs, below 1 / num_steps as well: the VAE's reconstruction comes
     back), 1 runs every step. Even at 1 the image is not quite gone: SD's "leading" timesteps start at
-    t = 951 (20 steps), where sqrt(alpha_bar) = 0.08 of z0 remains in the start. num_steps: the steps of a
+    t = 951 (20 steps), where sqrt(alpha_bar) = 0.09 of z0 remains in the start. num_steps: the steps of a
     *full* run; img2img runs int(num_steps * strength) of them. With sampler="ddim" (eta = 0) the latents
     equal diffusers' ``StableDiffusionImg2ImgPipeline`` with a ``DDIMScheduler`` (tests/test_editing_diffusers_parity.py);
     the other samplers run the same way on the same timesteps.
