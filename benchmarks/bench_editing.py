@@ -114,7 +114,7 @@ def part_img2img(sd, evaluator, args) -> dict:
                                     "text_to_image_same_noise": t2i}
         print(f"### New {change}, e.g. \"{scenes.captions[0]}\" -> \"{prompts[0]}\"\n")
         print(f"| strength | steps run | edge F1 vs input (layout kept) | PSNR vs input | new {change} | "
-              "whole new prompt | position kept | size kept |")
+              "whole new prompt | position as named | size as named |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             print(f"| {r['strength']:.1f} | {r['steps_run']} | {pct(r['edge_f1'])} | {r['psnr_db']:.1f} dB | "
@@ -212,24 +212,24 @@ def save_figure(results: dict, path: Path) -> None:
     if "inversion" in results:
         inv = results["inversion"]
         methods = list(dict.fromkeys(r["method"] for r in inv["by_steps"]))
-        ax = axes.pop(0)
-        for m in methods:
-            rows = [r for r in inv["by_steps"] if r["method"] == m]
-            ax.semilogy([r["steps"] for r in rows], [r["latent_mse"] for r in rows], "o-", label=m)
-        ax.set_xlabel("DDIM steps (w = 1)")
-        ax.set_ylabel("reconstruction latent MSE")
-        ax.set_title("DDIM inversion against steps")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        ax = axes.pop(0)
-        for m in methods:
-            rows = [r for r in inv["by_guidance_scale"] if r["method"] == m]
-            ax.semilogy([r["guidance_scale"] for r in rows], [r["latent_mse"] for r in rows], "o-", label=m)
-        ax.set_xlabel(f"guidance scale w ({inv['guidance_sweep_steps']} steps)")
-        ax.set_ylabel("reconstruction latent MSE")
-        ax.set_title("DDIM inversion against guidance")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+        short = {m: m.split(" (")[0] for m in methods}  # "plain", "exact"
+        for key, x_key, xlabel, title in (
+                ("by_steps", "steps", "DDIM steps (w = 1)", "DDIM inversion against steps"),
+                ("by_guidance_scale", "guidance_scale", f"guidance scale w ({inv['guidance_sweep_steps']} steps)",
+                 "DDIM inversion against guidance")):
+            ax = axes.pop(0)
+            for c, m in enumerate(methods):
+                rows = [r for r in inv[key] if r["method"] == m]
+                xs = [r[x_key] for r in rows]
+                ax.semilogy(xs, [r["latent_mse"] for r in rows], "o-", color=f"C{c}", label=f"{short[m]}, mean")
+                ax.semilogy(xs, [r["latent_mse_median"] for r in rows], "o--", color=f"C{c}", alpha=0.6,
+                            label=f"{short[m]}, median")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"reconstruction latent MSE ({inv['n_scenes']} scenes)")
+            ax.set_title(title)
+            ax.legend(fontsize=7, loc="best")
+            ax.grid(alpha=0.3)
+        fig.text(0.99, 0.01, f"exact: {methods[-1].split('(')[-1].rstrip(')')}", ha="right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
