@@ -25,6 +25,7 @@ against a sandboxed kernel, for the graded exercises only (`EXERCISES`). The fra
 | pipeline | guided_denoising_step (07_pipeline_exercises) | pipeline_shapes (07_complete_pipeline) |
 | training | diffusion_training_step (07_pipeline_exercises) | |
 | lineage | parameter_count (08_lineage_exercises) | lineage_numbers (08_sd_lineage) |
+| editing | img2img_timesteps, inpaint_blend_step (09_editing_exercises) | ddim_inverse_step (09_editing) |
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from __future__ import annotations
 from typing import Any
 
 from course_tools.checking import Exercise, run_in_notebook
-from course_lib.checks import (attention, clip, controlnet, guidance, lineage, pipeline, recap, samplers,
+from course_lib.checks import (attention, clip, controlnet, editing, guidance, lineage, pipeline, recap, samplers,
                                training, vae)
 
 # Two registries of the same shape on purpose: the grader must see only EXERCISES.
@@ -58,6 +59,8 @@ EXERCISES: dict[str, Exercise] = {
         pipeline.GUIDED_STEP,
         training.TRAINING_STEP,
         lineage.PARAMETER_COUNT,
+        editing.IMG2IMG,
+        editing.BLEND,
     )
 }
 
@@ -74,6 +77,7 @@ CHECK_YOURSELF: dict[str, Exercise] = {
         controlnet.COMBINE_CONTROLS,
         pipeline.PIPELINE_SHAPES,
         lineage.LINEAGE_NUMBERS,
+        editing.DDIM_INVERSE,
     )
 }
 
