@@ -55,7 +55,8 @@ def images():
 
 def their_latents(sd, pipe, images, strength, num_steps, w, seed):
     cond, uncond = sd.encode_prompt(PROMPTS), sd.encode_prompt([""] * len(PROMPTS))
-    out = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, image=images, strength=strength,
+    # the pipeline takes tensors in [0, 1] (and maps them to [-1, 1] itself, as 2 x - 1)
+    out = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, image=(images + 1) / 2, strength=strength,
                num_inference_steps=num_steps, guidance_scale=w, generator=torch.Generator().manual_seed(seed),
                output_type="latent")
     return out.images  # (B, 4, 16, 16): the final latents, not decoded
