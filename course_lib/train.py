@@ -504,10 +504,19 @@ class InpaintUNetTraining:
     batch_size: int = 32  # latents per step
     n_scenes: int = 5_000  # training scenes pre-encoded once (latents, text states); their masks kept for masking
     lr: float = 1e-3  # peak AdamW learning rate, constant after warm-up (half the U-Net's: it starts trained)
+    # conv_in's 5 new input channels start at zero and must grow to the scale of the others (~0.1) within a few
+    # hundred steps: they learn at lr times this (at 1x they reached ~0.01 in 200 steps, the model barely used them)
+    new_channels_lr_mult: float = 10.0
     caption_dropout: float = 0.1  # captions replaced by "", as for the U-Net: classifier-free guidance needs it
     min_snr_gamma: float | None = 5.0  # Min-SNR weighting, as the U-Net was trained (None: plain MSE)
+    # Noisy timesteps count more: the eps error is also weighted by min(1 + 1/SNR_t, cap), EDM's weighting
+    # (Karras et al. 2022, lambda(sigma) = (sigma^2 + 1) / sigma^2 on D, i.e. 1 + sigma^2 on eps), capped. Near t = 999
+    # the known region's content changes the right eps by only sqrt(SNR) z0 (SNR = 0.005), so a plain eps loss
+    # barely rewards reading the masked image there, while the sampler's x0 estimate (error / sqrt(SNR)) depends
+    # on it most. None: off (then the loss is the U-Net's own).
+    edm_weight_cap: float | None = 20.0
     masks: MaskSettings = dataclasses.field(default_factory=MaskSettings)  # kinds of random mask and their shares
-    ema_decay: float = 0.995  # the shipped weights are an EMA (short: the run is short)
+    ema_decay: float = 0.99  # the shipped weights are an EMA over about the last 100 steps (the run is short)
     eval_scenes: int = 32  # held-out scenes for the model card's quick inpainting check
     snapshot_every: int = 100  # also save the EMA weights every this many steps to runs/inpaint_unet_snapshots/
     seed: int = 0
@@ -525,9 +534,10 @@ def train_inpaint_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: Data
         z0 = scaling_factor * (mean + std * n); t ~ U{0..999}; z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps
         m ~ random mask (full / rectangle / one object of the scene, dilated / free strokes), 1 = repaint
         c = cat([latent_mask(m), scaling_factor * vae.encode(image * (m < 0.5)).sample()])     (B, 5, 16, 16)
-        loss = w_t |eps - eps_theta(cat([z_t, c]), t, text)|^2             Min-SNR weighted, 10% captions ""
+        loss = w_t |eps - eps_theta(cat([z_t, c]), t, text)|^2      w_t: Min-SNR x capped EDM weight, 10% captions ""
     The masked image is encoded at every step (its mask is new each time); the scenes' latents and text
-    states are encoded once. measure: maps the EMA U-Net to the card's metrics (``build_weights`` passes the
+    states are encoded once. conv_in's new channels learn ``new_channels_lr_mult`` times faster than the rest
+    (from zero, they must reach the scale of the trained weights within the run). measure: maps the EMA U-Net to the card's metrics (``build_weights`` passes the
     inpainting check of ``inpainting``; the training loop itself never imports the pipeline).
     Writes ``inpaint_unet.safetensors`` and its card ``inpaint_unet.json``.
     """
@@ -549,6 +559,12 @@ def train_inpaint_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: Data
     model = inpaint_unet_from_base(base).to(device).train()
     ema = inpaint_unet_from_base(base).to(device).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=0.0)
+    # The new channels of conv_in get their own AdamW at a higher rate. Each optimiser sees conv_in's gradient with
+    # the other's channels zeroed; AdamW moves an element whose gradient is always 0 by exactly 0 (no weight decay),
+    # so the two never touch each other's weights.
+    w_in = model.conv_in.weight  # (C, 9, 3, 3)
+    base_in = base.config.in_channels
+    opt_new = torch.optim.AdamW([w_in], lr=tc.lr * tc.new_channels_lr_mult, weight_decay=0.0)
     log = LossLog()
     snapshots = []
     factor, scale = vae.config.downsample_factor, vae.config.scaling_factor
@@ -560,8 +576,26 @@ def train_inpaint_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: Data
                 post = vae.encode(masked_image(data.to_float(images[idx]), m).to(device))
                 z_masked = scale * (post.mean + post.std * torch.randn(post.mean.shape, generator=gm).to(device))
             x_in = torch.cat([zt, latent_mask(m, factor).to(device), z_masked], 1)  # (B, 9, 16, 16)
-            loss = min_snr_loss(model(x_in, t, context), eps, t, snr, tc.min_snr_gamma)
-            optimiser_step(opt, loss, lr_at(step, tc.steps, tc.lr, cosine=False), model.parameters())
+            pred = model(x_in, t, context)
+            if tc.edm_weight_cap is None:
+                loss = min_snr_loss(pred, eps, t, snr, tc.min_snr_gamma)
+            else:
+                w_edm = (1 + 1 / snr.to(pred.device)[t]).clamp(max=tc.edm_weight_cap)  # (B,)
+                loss = min_snr_loss(pred * w_edm.sqrt()[:, None, None, None], eps * w_edm.sqrt()[:, None, None, None],
+                                    t, snr, tc.min_snr_gamma)
+            lr = lr_at(step, tc.steps, tc.lr, cosine=False)
+            for o, rate in ((opt, lr), (opt_new, lr * tc.new_channels_lr_mult)):
+                for group in o.param_groups:
+                    group["lr"] = rate
+            opt.zero_grad(set_to_none=True)
+            opt_new.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            grad = w_in.grad
+            w_in.grad = torch.cat([grad[:, :base_in], torch.zeros_like(grad[:, base_in:])], 1)  # the base's channels
+            opt.step()
+            w_in.grad = torch.cat([torch.zeros_like(grad[:, :base_in]), grad[:, base_in:]], 1)  # the new channels
+            opt_new.step()
             with torch.no_grad():
                 d = min(tc.ema_decay, (1 + step) / (10 + step))
                 for pe, pm in zip(ema.parameters(), model.parameters()):

@@ -240,3 +240,23 @@ def test_edit_tasks_ask_for_something_new_at_the_same_place():
         assert (want["colour"] != old["colour"]) if i % 2 == 0 else (want["shape"] != old["shape"])
         assert parsed["position"] == old["position"] and parsed["size"] == old["size"]
         assert (tasks.masks[i, 0] >= s.masks[i, k].float()).all()
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "inpaint_unet.json").exists(), reason="no weights/inpaint_unet.*")
+def test_benchmark_runs_and_writes_what_it_promises(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = WEIGHTS_DIR.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_inpainting.py"), "--n", "4", "--steps", "2",
+                           "--resample", "2", "--jumps", "1", "--threads", "1", "--assets", str(tmp_path)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench_inpainting.json").read_text())
+    assert set(result["methods"]) == {"VAE round trip (no repainting)", "blend", "blend + RePaint (r=2, j=1)",
+                                      "inpainting U-Net", "inpainting U-Net + blend"}
+    assert result["methods"]["blend + RePaint (r=2, j=1)"]["unet_calls_per_image"] == 3  # 2 steps, the first twice
+    assert (tmp_path / "inpainting_samples.png").stat().st_size > 0 and "| blend |" in proc.stdout
