@@ -626,3 +626,99 @@ def test_the_rescale_in_v_space_check_catches_rescaling_the_noise_and_batch_wide
     result = ex.run(LocalAgent({"rescale_in_v_space": first_alpha_bar}))
     assert [c.name for c in result.checks if not c.passed] == [
         next(c.name for c in result.checks if c.name.startswith("equals the course's"))]
+
+
+def test_the_editing_references_equal_the_library_and_diffusers():
+    """The checks' own img2img rule and blend step are course_lib.editing's and course_lib.inpainting's; the
+    inverse DDIM step is undone by diffusers' DDIMScheduler step."""
+    from diffusers import DDIMScheduler
+
+    from course_lib import editing
+    from course_lib.checks.editing import blend_step, ddim_inverse_step, img2img_timesteps, sd_alphas_cumprod
+
+    for n, s in ((20, 0.75), (20, 0.68), (100, 0.29), (50, 1.0), (20, 0.04), (7, 0.5)):
+        assert torch.equal(img2img_timesteps(n, s), editing.img2img_timesteps(n, s))
+    g = torch.Generator().manual_seed(0)
+    x, z, n = (torch.randn(2, 4, 16, 16, generator=g) for _ in range(3))
+    mask = (torch.rand(2, 1, 16, 16, generator=g) > 0.5).float()
+    ab = sd_alphas_cumprod()
+    t = 451
+    # inpaint_blend's blend: m * x + (1 - m) * (sqrt(ab) z + sqrt(1 - ab) n), with Python floats
+    ref = mask * x + (1 - mask) * (math.sqrt(ab[t]) * z + math.sqrt(1 - ab[t]) * n)
+    torch.testing.assert_close(blend_step(x, z, n, mask, ab, t).float(), ref, rtol=1e-6, atol=1e-6)
+
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    sched.set_timesteps(20)
+    torch.testing.assert_close(sched.alphas_cumprod, ab)
+    eps = torch.randn(2, 4, 16, 16, generator=g)
+    x_t = ddim_inverse_step(x, eps, float(ab[451]), float(ab[501])).float()
+    torch.testing.assert_close(sched.step(eps, 501, x_t, eta=0.0).prev_sample, x, rtol=1e-4, atol=1e-4)
+
+
+def test_the_editing_checks_name_the_usual_mistakes():
+    """Right answers pass; the strength rule rounded or off by one, the first timesteps instead of the last, no
+    ValueError; the blend with the mask inverted or the known latent noised to t - 1 or t + 1: each fails the check
+    that names it."""
+    from course_lib import editing
+    from course_lib.checks.editing import blend_step, ddim_inverse_step
+    from course_lib.samplers import default_timesteps
+
+    def failed(check_id, name, f):
+        result = CHECKS[check_id].run(LocalAgent({name: f}))
+        return {c.name: c for c in result.checks if not c.passed}, result
+
+    from course_lib.checks import CHECKS
+
+    assert not failed("img2img_timesteps", "img2img_timesteps", editing.img2img_timesteps)[0]
+    assert not failed("inpaint_blend_step", "blend_step", blend_step)[0]
+    assert not failed("ddim_inverse_step", "ddim_inverse_step", ddim_inverse_step)[0]
+
+    def rounded(n, s):
+        return default_timesteps(n)[n - round(n * s):]
+
+    def one_more(n, s):
+        return default_timesteps(n)[max(n - int(n * s) - 1, 0):]
+
+    def first_ones(n, s):
+        return default_timesteps(n)[:int(n * s)]
+
+    def unchecked(n, s):
+        return default_timesteps(n)[n - min(int(n * s), n):]
+
+    fails, _ = failed("img2img_timesteps", "img2img_timesteps", rounded)
+    rounding = next(name for name in fails if name.startswith("the count is rounded down"))
+    assert "Round down" in fails[rounding].hint
+    fails, _ = failed("img2img_timesteps", "img2img_timesteps", one_more)
+    assert any(name.startswith("strength 0.75") for name in fails)
+    fails, _ = failed("img2img_timesteps", "img2img_timesteps", first_ones)
+    assert any("skips those and runs the last" in (c.hint or "") for c in fails.values())
+    fails, _ = failed("img2img_timesteps", "img2img_timesteps", unchecked)
+    assert list(fails) == ["a strength outside [0, 1] raises a ValueError"]
+
+    def inverted(x_t, z, n, m, ab, t):
+        return blend_step(x_t, z, n, 1 - m, ab, t)
+
+    fails, _ = failed("inpaint_blend_step", "blend_step", inverted)
+    first = next(iter(fails.values()))
+    assert first.name.startswith("where the mask is 1") and "inverted" in first.got
+
+    for shift in (-1, 1):
+        def wrong_t(x_t, z, n, m, ab, t, shift=shift):
+            return blend_step(x_t, z, n, m, ab, min(max(t + shift, 0), 999))
+
+        fails, _ = failed("inpaint_blend_step", "blend_step", wrong_t)
+        kept = next(c for name, c in fails.items() if name.startswith("where the mask is 0"))
+        assert "neighbouring timestep" in kept.got
+
+    def no_sqrt(x_t, z, n, m, ab, t):
+        return m * x_t + (1 - m) * (ab[t] * z + (1 - ab[t]) * n)
+
+    fails, _ = failed("inpaint_blend_step", "blend_step", no_sqrt)
+    assert any(name.startswith("where the mask is 0") for name in fails)
+
+    def forward_step_instead(x_s, eps, a_s, a_t):
+        return ddim_inverse_step(x_s, eps, a_t, a_s)
+
+    fails, _ = failed("ddim_inverse_step", "ddim_inverse_step", forward_step_instead)
+    assert any(name.startswith("Verify") for name in fails)
