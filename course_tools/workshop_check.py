@@ -51,6 +51,7 @@ class LessonCheck:
 LESSONS = (
     LessonCheck("notebooks/00_welcome.ipynb", controls=("t",)),
     LessonCheck("notebooks/08_sd_lineage.ipynb", controls=("Euler steps",)),
+    LessonCheck("notebooks/09_editing.ipynb", controls=("strength",)),
 )
 
 # Chromium flags for a closed network and a container: no first-run UI, nothing phoned home, no sandbox
