@@ -175,13 +175,19 @@ def test_fully_masked_inpainting_at_initialisation_is_text_to_image(sd, scene):
 
 
 @pytest.mark.skipif(not (WEIGHTS_DIR / "inpaint_unet.json").exists(), reason="no weights/inpaint_unet.*")
-def test_shipped_inpainting_unet_loads_and_learnt_to_use_its_extra_channels(sd, scene):
+def test_shipped_inpainting_unet_loads_and_learnt_to_use_its_extra_channels(sd):
     net = load_inpaint_unet()
     assert net.config.in_channels == 9 and net.card["steps"] > 0
     assert net.conv_in.weight[:, 4:].abs().amax() > 1e-3  # no longer zero: it reads the mask and masked image
-    image, mask = scene
-    out = I.inpaint_with_unet(sd, net, image, mask, "a blue square", 10, 5.0, torch.Generator().manual_seed(0))
-    assert I.psnr_outside(out, image, mask).mean() > 18  # it keeps most of the unmasked region without blending
+    # it keeps the unmasked region better than the same network at initialisation, which cannot see the mask
+    # (measured: 16.5 dB against 14.6 on these 8 tasks; the benchmark's 64: 18.2 dB, and 33.6 with blending)
+    tasks = I.edit_tasks(data.generate(8, seed=0, split="heldout"), 8)
+    psnr = {}
+    for name, model in (("init", I.inpaint_unet_from_base(sd.unet)), ("trained", net)):
+        out = I.inpaint_with_unet(sd, model, tasks.images, tasks.masks, tasks.prompts, 10, 5.0,
+                                  torch.Generator().manual_seed(0))
+        psnr[name] = I.psnr_outside(out, tasks.images, tasks.masks).mean().item()
+    assert psnr["trained"] > psnr["init"] + 1.0, psnr
 
 
 # --- Training masks. -----------------------------------------------------------------------------------------------

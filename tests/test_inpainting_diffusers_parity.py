@@ -52,7 +52,8 @@ def task(n=2):
 
 def theirs(pipe, sd, image, mask, prompts, steps, scale, seed):
     out = pipe(prompt_embeds=sd.encode_prompt(prompts), negative_prompt_embeds=sd.encode_prompt([""] * len(prompts)),
-               image=(image + 1) / 2, mask_image=mask,  # diffusers takes tensor images in [0, 1] height=64, width=64, num_inference_steps=steps, guidance_scale=scale,
+               image=(image + 1) / 2, mask_image=mask,  # diffusers takes tensor images in [0, 1]
+               height=64, width=64, num_inference_steps=steps, guidance_scale=scale,
                generator=torch.Generator().manual_seed(seed), output_type="latent")
     return out.images
 
