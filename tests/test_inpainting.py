@@ -266,3 +266,18 @@ def test_benchmark_runs_and_writes_what_it_promises(tmp_path):
                                       "inpainting U-Net", "inpainting U-Net + blend"}
     assert result["methods"]["blend + RePaint (r=2, j=1)"]["unet_calls_per_image"] == 3  # 2 steps, the first twice
     assert (tmp_path / "inpainting_samples.png").stat().st_size > 0 and "| blend |" in proc.stdout
+
+
+def test_inpainting_training_is_seeded_and_starts_from_the_base(sd, tmp_path):
+    from course_lib.train import InpaintUNetTraining, train_inpaint_unet
+
+    scenes, held = data.generate(16, seed=0), data.generate(4, seed=0, split="heldout")
+    tc = InpaintUNetTraining(steps=3, batch_size=4, n_scenes=16, eval_scenes=0, snapshot_every=0)
+    nets = [train_inpaint_unet(scenes, held, tc=tc, out_dir=tmp_path / name, vae=sd.vae, clip=sd.clip, unet=sd.unet,
+                               quiet=True) for name in ("a", "b")]
+    for (k, va), vb in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
+        assert torch.equal(va, vb), k
+    w = nets[0].conv_in.weight
+    assert w[:, 4:].abs().amax() > 0  # the new channels moved off zero ...
+    assert (w[:, :4] - sd.unet.conv_in.weight).abs().amax() < 1e-2  # ... the base's stayed near where they were
+    assert load_inpaint_unet(tmp_path / "a").card["steps"] == 3
