@@ -28,6 +28,23 @@ attention processor (``diffusers.models.attention_processor.AttnProcessor``) tha
 ``get_attention_scores`` and hands them to the controller; here it is ``attention.AttentionStore``'s
 ``record``, which may return replacement probabilities (``AttentionEdit``).
 
+Measured (benchmarks/bench_prompt_to_prompt.py: 48 held-out one- and two-object scenes, colour, shape and size
+swaps, DDIM 20, guidance 5; the evaluator reads source and target): on the tiny SD prompt-to-prompt keeps the
+layout better than regenerating from the same noise, but less than the paper shows on SD. Object-mask IoU between
+source and target rises from 0.51 (regenerating) to 0.60 (cross_replace 1), Canny edge F1 from 0.61 to 0.70, and
+with self-attention replaced for the first 80% of the steps too, to 0.68 and 0.79; the source's other attributes
+read the same in 70% of checks regenerating, 73-75% with cross-attention replaced, 80-83% with self-attention as
+well. The price is edit success: 79% of targets show the new value regenerating, 65-71% with cross_replace >= 0.4,
+so the share of edits that both took and kept everything else stays at 35-42% in every setting (42% regenerating,
+42% with cross 0.8 + self 0.4 or 0.8).
+Why less than on SD: 57% of this model's cross-attention mass goes to the end and padding tokens (the conditional
+half, averaged over layers, heads, pixels and 20 steps of 24 of the benchmark's source prompts; 4% to the start
+token), and the text tower is causal, so the hidden states (the values V*) of every token after the swapped word,
+padding included, change with it: the maps say *where* to look, but what is read there still carries the whole new
+prompt. (SD 1.5 puts most of its attention on the start token, which no word changes; Chefer et al. 2023,
+Attend-and-Excite, leave it out of their maps for that reason.) Editing both halves of guidance instead of the
+conditional one changes little (cross 0.8: mask IoU 0.58 vs 0.59, edit success 69% either way).
+
 Shapes (tiny SD: 16 x 16 latents, attention at 8 x 8 and 4 x 4, 4 heads, 48 text tokens)::
 
     B       edits in the batch (pairs of prompts)       L    text tokens (context length, 48)

@@ -110,3 +110,27 @@ def test_bad_input(sd, kwargs, words):
 def test_bad_noise_shape(sd):
     with pytest.raises(ValueError, match="noise must be"):
         edit(sd, SOURCE, TARGET, torch.zeros(1, 4, 8, 8), num_steps=2)
+
+
+def test_benchmark_runs_end_to_end(tmp_path):
+    """benchmarks/bench_prompt_to_prompt.py on 3 edits and 2 steps writes its table, JSON and figure."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_prompt_to_prompt.py"), "--n", "3",
+                           "--steps", "2", "--threads", "1", "--assets", str(tmp_path)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench_prompt_to_prompt.json").read_text())
+    assert result["n_edits"] == 3 and [e["kind"] for e in result["edits"]] == ["colour", "shape", "size"]
+    assert [r["cross_replace"] for r in result["rows"][:6]] == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    for row in result["rows"]:
+        for key in ("edit_success", "preserved_attributes", "kept", "edited_and_kept", "mask_iou", "edge_f1"):
+            assert 0.0 <= row[key] <= 1.0, (row["setting"], key)
+    assert (tmp_path / "prompt_to_prompt.png").stat().st_size > 0
+    assert "edited+kept" in proc.stdout
