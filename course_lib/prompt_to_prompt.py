@@ -42,7 +42,10 @@ half, averaged over layers, heads, pixels and 20 steps of 24 of the benchmark's 
 token), and the text tower is causal, so the hidden states (the values V*) of every token after the swapped word,
 padding included, change with it: the maps say *where* to look, but what is read there still carries the whole new
 prompt. (SD 1.5 puts most of its attention on the start token, which no word changes; Chefer et al. 2023,
-Attend-and-Excite, leave it out of their maps for that reason.) Editing both halves of guidance instead of the
+Attend-and-Excite, leave it out of their maps for that reason.) Checked on the benchmark's 48 edits at
+cross_replace 0.8: giving the target the source's hidden states at every token the swap leaves unchanged raises
+mask IoU from 0.59 to 0.69 and edge F1 from 0.69 to 0.80, but edit success falls from 69% to 56%: the later
+tokens carry the new word as well as the layout change. Editing both halves of guidance instead of the
 conditional one changes little (cross 0.8: mask IoU 0.58 vs 0.59, edit success 69% either way).
 
 Shapes (tiny SD: 16 x 16 latents, attention at 8 x 8 and 4 x 4, 4 heads, 48 text tokens)::
