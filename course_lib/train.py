@@ -125,6 +125,15 @@ def optimiser_step(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float,
     opt.step()
 
 
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
+    """Move the EMA copy towards the model, with a warm-up (decay min(decay, (1 + step) / (10 + step))) so that
+    the first steps are not dominated by the random initialisation."""
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1 - d)
+
+
 class LossLog:
     """Keeps every loss value; summarises them for the model card (first/last 5% means, min, 50-point curve)."""
 
@@ -478,10 +487,7 @@ def train_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings
             zt, t, eps, context = encoded.noisy_batch(idx, schedule, tc.caption_dropout, g)
             loss = min_snr_loss(model(zt, t, context), eps, t, snr, tc.min_snr_gamma)
             optimiser_step(opt, loss, lr_at(step, tc.steps, tc.lr, cosine=False), model.parameters())
-            with torch.no_grad():  # EMA, with a warm-up so early steps are not dominated by the random init
-                d = min(tc.ema_decay, (1 + step) / (10 + step))
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - d)
+            ema_update(ema, model, step, tc.ema_decay)
             log.add(loss.item())
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
@@ -596,10 +602,7 @@ def train_inpaint_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: Data
             opt.step()
             w_in.grad = torch.cat([torch.zeros_like(grad[:, :base_in]), grad[:, base_in:]], 1)  # the new channels
             opt_new.step()
-            with torch.no_grad():
-                d = min(tc.ema_decay, (1 + step) / (10 + step))
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - d)
+            ema_update(ema, model, step, tc.ema_decay)
             log.add(loss.item())
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
