@@ -35,6 +35,7 @@ Where this tiny CLIP differs from the real one, on purpose:
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -130,6 +131,8 @@ class Tokenizer:
         # Each id's token as CLIP writes it (CLIPTokenizer.convert_ids_to_tokens): "red</w>" ends a word.
         self.vocab = [PAD, BOS, EOS, UNK] + [self.bpe.decoder[b] for b in self.bpe_ids]
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID
+        self.added_tokens: dict[str, int] = {}  # textual inversion's new tokens (add_token), ids after the table
+        self._added_pattern = None
 
     @classmethod
     def from_captions(cls, captions: Iterable[str], context_length: int = CONTEXT_LENGTH) -> "Tokenizer":
@@ -157,21 +160,69 @@ class Tokenizer:
     def __len__(self) -> int:
         return len(self.vocab)
 
+    def check_new_token(self, token: str) -> None:
+        """A ValueError unless ``token`` can be added: one piece of text without spaces that this tokeniser does not
+        already read (a word of the training captions, an added token, or text made only of known BPE pieces)."""
+        if not isinstance(token, str) or not token or token != token.strip() or any(c.isspace() for c in token):
+            raise ValueError(f"a new token must be a non-empty string without spaces, got {token!r}")
+        low = token.lower()
+        if low in self.added_tokens:
+            raise ValueError(f"the token {token!r} is already added to this tokeniser; choose another name")
+        pieces = PIECES.findall(low)
+        if low in self.known_words or (pieces and all(p in self.known_words or all(
+                i in self.compact for i in self.bpe.encode(p)) for p in pieces)):
+            raise ValueError(f"the token {token!r} is already in the tiny CLIP's vocabulary (it reads as "
+                             f"{self.decode(self.encode(token)[1:-1])!r}): a new concept needs a new token, "
+                             "for example '<my-shape>'")
+
+    def add_token(self, token: str) -> int:
+        """Add ``token`` (``check_new_token``) with the next free id, as ``CLIPTokenizer.add_tokens`` does: it is
+        matched as a whole before the byte-pair encoding (case-insensitively: CLIP lowercases). Returns its id.
+        The text tower needs a row for it too: ``personalize.add_token`` does both."""
+        self.check_new_token(token)
+        new_id = len(self.vocab)
+        self.added_tokens[token.lower()] = new_id
+        self.vocab.append(token.lower())
+        words = sorted(self.added_tokens, key=len, reverse=True)  # longest first, as Hugging Face's trie matches
+        self._added_pattern = re.compile("(" + "|".join(map(re.escape, words)) + ")")
+        return new_id
+
+    def _segments(self, text: str) -> list[tuple[str, bool]]:
+        """``text`` (lowercased) cut into (segment, is_added_token) pairs."""
+        if self._added_pattern is None:
+            return [(text, False)]
+        parts = self._added_pattern.split(text)
+        return [(p, i % 2 == 1) for i, p in enumerate(parts) if p]
+
     def _encode(self, text) -> tuple[list[int], list[str], str | None]:
         """Ids (start, text, end), the unseen words among the kept tokens, and the dropped text (or None)."""
         if not isinstance(text, str):
             raise ValueError(f"a prompt must be a string, got {type(text).__name__}: pass str or a list of str")
         keep = self.context_length - 2
-        bpe_ids, unseen = [], []
-        for piece in PIECES.findall(text.lower()):  # CLIP's pieces: words, digits, symbol runs, contractions
-            ids = self.bpe.encode(piece)
-            if len(bpe_ids) < keep:  # a piece that starts after the cut is never read: no warning for it
-                seen = piece in self.known_words if piece.isalpha() else all(i in self.compact for i in ids)
-                if not seen and piece not in unseen:
-                    unseen.append(piece)
-            bpe_ids += ids
-        dropped = self.bpe.decode(bpe_ids[keep:]).strip() if len(bpe_ids) > keep else None
-        ids = [self.compact.get(b, self.unk_id) for b in bpe_ids[:keep]]  # like SD: cut, then add start/end
+        units, unseen = [], []  # units: (our id, CLIP BPE id or the added token's text)
+        for segment, added in self._segments(text.lower()):
+            if added:
+                units.append((self.added_tokens[segment], segment))
+                continue
+            for piece in PIECES.findall(segment):  # CLIP's pieces: words, digits, symbol runs, contractions
+                ids = self.bpe.encode(piece)
+                if len(units) < keep:  # a piece that starts after the cut is never read: no warning for it
+                    seen = piece in self.known_words if piece.isalpha() else all(i in self.compact for i in ids)
+                    if not seen and piece not in unseen:
+                        unseen.append(piece)
+                units += [(self.compact.get(b, self.unk_id), b) for b in ids]
+        dropped = None
+        if len(units) > keep:
+            words, run = [], []
+            for _, b in units[keep:]:
+                if isinstance(b, str):
+                    words += [self.bpe.decode(run).strip(), b] if run else [b]
+                    run = []
+                else:
+                    run.append(b)
+            words += [self.bpe.decode(run).strip()] if run else []
+            dropped = " ".join(w for w in words if w)
+        ids = [i for i, _ in units[:keep]]  # like SD: cut, then add start/end
         return [self.bos_id] + ids + [self.eos_id], unseen, dropped
 
     def _warn(self, unseen: list[str], dropped: list[str]) -> None:
@@ -202,6 +253,9 @@ class Tokenizer:
             if not isinstance(i, int) or not 0 <= i < len(self.vocab):
                 raise ValueError(f"token id {i!r} is not an id of this tokeniser (0 to {len(self.vocab) - 1})")
             if i in (self.pad_id, self.bos_id, self.eos_id):
+                continue
+            if i >= N_SPECIAL + len(self.bpe_ids):  # an added token: plain text, not BPE symbols
+                tokens.append("".join(self.bpe.byte_encoder[b] for b in self.vocab[i].encode("utf-8")) + "</w>")
                 continue
             tokens.append(UNK + "</w>" if i == self.unk_id else self.vocab[i])
         text = bytearray(self.bpe.byte_decoder[c] for c in "".join(tokens)).decode("utf-8", errors="replace")
