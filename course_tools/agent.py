@@ -16,7 +16,8 @@ budget, since the bytes may be forged), so:
   process that computes the score.
 
 Probes are small deterministic test doubles (a denoiser that logs its calls, a network to count,
-a seeded generator) that the checks ask the agent to build on the learner's side.
+a seeded generator, a seeded linear layer, the course's models random or shipped, a pipeline with a
+new token) that the checks ask the agent to build on the learner's side.
 """
 
 from __future__ import annotations
@@ -275,10 +276,88 @@ def probe_generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Build modules with torch's default initialisation drawn from ``seed``, leaving the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def probe_linear(seed: int = 0, in_features: int = 8, out_features: int = 8, bias: bool = True) -> torch.nn.Linear:
+    """An nn.Linear with nn.Linear's own initialisation drawn from ``seed`` (the layer a LoRA layer wraps)."""
+    with _seeded(seed):
+        return torch.nn.Linear(in_features, out_features, bias=bias)
+
+
+def probe_unet(seed: int = 0, shipped: bool = False, weights_dir: str | None = None, **config: Any) -> torch.nn.Module:
+    """The course's U-Net, frozen and in eval mode: the shipped one (``weights/unet.*``, or ``weights_dir``), or a
+    random one of ``UNetConfig(**config)`` initialised from ``seed``."""
+    from course_lib.unet import UNet, UNetConfig
+    from course_lib.weights import load_unet
+
+    if shipped:
+        return load_unet(weights_dir).eval().requires_grad_(False)
+    with _seeded(seed):
+        return UNet(UNetConfig(**config)).eval().requires_grad_(False)
+
+
+def probe_text_encoder(seed: int = 0, shipped: bool = False, weights_dir: str | None = None,
+                       **config: Any) -> torch.nn.Module:
+    """The course's CLIP text tower, frozen and in eval mode: the shipped one, or a random one of
+    ``CLIPConfig(**config)`` initialised from ``seed``."""
+    from course_lib.clip import CLIPConfig, TextEncoder
+    from course_lib.weights import load_clip
+
+    if shipped:
+        return load_clip(weights_dir).text.eval().requires_grad_(False)
+    with _seeded(seed):
+        return TextEncoder(CLIPConfig(**config)).eval().requires_grad_(False)
+
+
+class ProbeNewToken:
+    """Textual inversion's starting point: the shipped tiny SD with the token ``<x>`` added
+    (``course_lib.personalize.add_token(sd, "<x>", init="circle")``), its frozen text tower and U-Net, the token
+    ids of ``captions`` (which use ``<x>``), and `gradient`, which backpropagates a loss function's value and
+    reports the gradient of the new embedding row, the one trainable tensor."""
+
+    TOKEN = "<x>"
+
+    def __init__(self, captions: Sequence[str] = ("a red <x>", "a big blue <x> at the top", "a small green <x>"),
+                 weights_dir: str | None = None):
+        from course_lib import personalize
+        from course_lib.tiny_sd import load_tiny_sd
+
+        sd = load_tiny_sd(weights_dir=weights_dir)
+        personalize.add_token(sd, self.TOKEN, init="circle")
+        self.text_encoder, self.unet = sd.clip.text, sd.unet
+        self.ids = sd.tokenizer(list(captions))  # (B, context_length)
+        self._new = personalize.textual_inversion_parameters(sd)[0]  # (1, width)
+        self._frozen = [p for p in (*sd.unet.parameters(), *sd.clip.parameters()) if p is not self._new]
+
+    def gradient(self, loss_fn: Callable, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                 alphas_cumprod: torch.Tensor) -> dict:
+        """``loss_fn(text_encoder, unet, ids, z0, t, noise, alphas_cumprod).backward()``: the loss, whether it
+        kept the graph, the new row's gradient (None when none came) and how many frozen tensors got one."""
+        for p in (self._new, *self._frozen):
+            p.grad = None
+        with torch.enable_grad():
+            loss = loss_fn(self.text_encoder, self.unet, self.ids, z0, t, noise, alphas_cumprod)
+            keeps_graph = isinstance(loss, torch.Tensor) and loss.requires_grad
+            if keeps_graph:
+                loss.sum().backward()
+        return {"loss": loss, "keeps_graph": keeps_graph, "grad": self._new.grad,
+                "frozen_with_grad": sum(p.grad is not None for p in self._frozen)}
+
+
 PROBES: dict[str, Callable[..., Any]] = {
     "denoiser": ProbeDenoiser,
     "network": probe_network,
     "generator": probe_generator,
+    "linear": probe_linear,
+    "unet": probe_unet,
+    "text_encoder": probe_text_encoder,
+    "new_token": ProbeNewToken,
 }
 
 

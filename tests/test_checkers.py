@@ -722,3 +722,254 @@ def test_the_editing_checks_name_the_usual_mistakes():
 
     fails, _ = failed("ddim_inverse_step", "ddim_inverse_step", forward_step_instead)
     assert any(name.startswith("Verify") for name in fails)
+
+
+# ----------------------------------------------------------------------------------------------
+# Lesson 10: a LoRA layer by hand, and the loss textual inversion minimises
+# ----------------------------------------------------------------------------------------------
+class _LoRA(torch.nn.Module):
+    """A learner's LoRA layer written out by hand: right as it stands, each subclass with one usual mistake."""
+
+    check_rank = True
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        if self.check_rank and not 1 <= rank <= min(base.in_features, base.out_features):
+            raise ValueError(f"rank {rank} outside 1 ... min(in, out)")
+        self.base = base.requires_grad_(False)
+        self.scaling = self.scale(alpha, rank)
+        self.lora_A = torch.nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank))
+        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.after_init()
+
+    def scale(self, alpha, rank):
+        return alpha / rank
+
+    def after_init(self):
+        pass
+
+    def forward(self, x):
+        return self.base(x) + self.scaling * (x @ self.lora_A.T @ self.lora_B.T)
+
+
+class _RandomB(_LoRA):
+    def after_init(self):
+        torch.nn.init.normal_(self.lora_B, std=0.1)
+
+
+class _ZeroA(_LoRA):
+    def after_init(self):
+        torch.nn.init.zeros_(self.lora_A)
+
+
+class _RandnA(_LoRA):
+    def after_init(self):
+        torch.nn.init.normal_(self.lora_A)
+
+
+class _AlphaOnly(_LoRA):
+    def scale(self, alpha, rank):
+        return alpha
+
+
+class _RankOverAlpha(_LoRA):
+    def scale(self, alpha, rank):
+        return rank / alpha
+
+
+class _NoScale(_LoRA):
+    def scale(self, alpha, rank):
+        return 1.0
+
+
+class _BaseTrainable(_LoRA):
+    def after_init(self):
+        self.base.requires_grad_(True)
+
+
+class _Buffers(_LoRA):
+    def after_init(self):
+        a, b = self.lora_A.detach().clone(), self.lora_B.detach().clone()
+        del self.lora_A, self.lora_B
+        self.register_buffer("lora_A", a)
+        self.register_buffer("lora_B", b)
+
+
+class _NoRankCheck(_LoRA):
+    check_rank = False
+
+
+class _OnlyMatrices(_LoRA):  # works on (B, in) batches only
+    def forward(self, x):
+        return self.base(x) + self.scaling * torch.einsum("bi,ri,or->bo", x, self.lora_A, self.lora_B)
+
+
+class _Transposed(torch.nn.Module):
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.scaling = alpha / rank
+        self.lora_A = torch.nn.Parameter(torch.rand(base.in_features, rank) * 0.1)  # (in, r)
+        self.lora_B = torch.nn.Parameter(torch.zeros(rank, base.out_features))  # (r, out)
+
+    def forward(self, x):
+        return self.base(x) + self.scaling * (x @ self.lora_A @ self.lora_B)
+
+
+class _PeftLayout(torch.nn.Module):
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.scaling = alpha / rank
+        self.lora_A = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = torch.nn.Linear(rank, base.out_features, bias=False)
+        torch.nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):
+        return self.base(x) + self.scaling * self.lora_B(self.lora_A(x))
+
+
+def _failures(check_id, name, obj):
+    from course_lib.checks import CHECKS
+
+    result = CHECKS[check_id].run(LocalAgent({name: obj}))
+    assert not [c for c in result.checks if "checker error" in c.got], result.render_text()
+    return {c.name: c for c in result.checks if not c.passed}
+
+
+def _the(fails, start):
+    """The failed check whose name starts with ``start`` (KeyError when that check passed)."""
+    found = [c for name, c in fails.items() if name.startswith(start)]
+    if not found:
+        raise KeyError(f"{start!r} did not fail; failed: {list(fails)}")
+    return found[0]
+
+
+def test_the_lora_references_equal_the_library_and_peft():
+    """The checks' forward and their peft layer give what course_lib.personalize.LoRALinear gives with the same
+    A and B, on a (B, L, in) batch; the linear probe is seeded and leaves the global RNG alone."""
+    from course_lib.checks.personalize import lora_forward, peft_lora_linear
+    from course_lib.personalize import LoRALinear
+    from course_tools.agent import probe_linear
+
+    state = torch.random.get_rng_state()
+    base = probe_linear(3, 12, 20, True)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(base.weight, probe_linear(3, 12, 20, True).weight)
+    assert not torch.equal(base.weight, probe_linear(4, 12, 20, True).weight)
+    ours = LoRALinear(base, 4, 6.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        ours.lora_B.normal_(0, 0.3, generator=g)
+    x = torch.randn(2, 5, 12, generator=g)
+    theirs = peft_lora_linear(base, 4, 6.0, ours.lora_A.detach(), ours.lora_B.detach())
+    with torch.no_grad():
+        want = ours(x).double()
+        torch.testing.assert_close(theirs(x).double(), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lora_forward(base, ours.lora_A, ours.lora_B, 6.0 / 4, x), want, rtol=1e-5, atol=1e-6)
+        assert (want - base(x).double()).abs().max() > 0.05  # the update is not negligible
+
+
+def test_the_lora_checks_name_the_usual_mistakes():
+    """The library's layer and a hand-written one get every point; each usual mistake fails the check that names it,
+    with its hint."""
+    from course_lib.personalize import LoRALinear
+
+    assert not _failures("lora_linear", "LoRALinear", LoRALinear)
+    assert not _failures("lora_linear", "LoRALinear", _LoRA)
+
+    fails = _failures("lora_linear", "LoRALinear", _RandomB)
+    assert "B initialised randomly" in _the(fails, "it starts equal to the base layer").hint
+    fails = _failures("lora_linear", "LoRALinear", _ZeroA)
+    assert "A zero so nothing can learn" in _the(fails, "lora_A starts uniform").hint
+    assert "gradient of B" in _the(fails, "lora_A starts uniform").hint
+    fails = _failures("lora_linear", "LoRALinear", _RandnA)
+    assert "kaiming_uniform_" in _the(fails, "lora_A starts uniform").hint
+    for cls, named in ((_AlphaOnly, "alpha alone"), (_RankOverAlpha, "rank / alpha"), (_NoScale, "no scale")):
+        fails = _failures("lora_linear", "LoRALinear", cls)
+        scaled = _the(fails, "the update is scaled by alpha / rank")
+        assert named in scaled.got and "Scale by alpha / rank" in scaled.hint, (cls.__name__, scaled)
+        assert "it starts equal to the base layer: lora_B starts at zero" not in fails  # B = 0 hides the scale
+    fails = _failures("lora_linear", "LoRALinear", _Transposed)
+    assert "transposed" in _the(fails, "lora_A (rank, in_features)").hint
+    fails = _failures("lora_linear", "LoRALinear", _PeftLayout)
+    assert "peft wraps them" in _the(fails, "lora_A (rank, in_features)").hint
+    fails = _failures("lora_linear", "LoRALinear", _BaseTrainable)
+    assert list(fails) == ["the base layer is frozen: lora_A and lora_B are the only trainable tensors"]
+    assert "Freeze the base layer" in next(iter(fails.values())).hint
+    fails = _failures("lora_linear", "LoRALinear", _Buffers)
+    assert "nn.Parameter" in _the(fails, "the base layer is frozen").hint
+    fails = _failures("lora_linear", "LoRALinear", _NoRankCheck)
+    assert list(fails) == ["a rank of 0, or one larger than min(in_features, out_features), raises a ValueError"]
+    fails = _failures("lora_linear", "LoRALinear", _OnlyMatrices)
+    assert list(fails) == [c.name for c in EXERCISES["lora_linear"].checks if c.name.startswith("equals peft")]
+
+
+def _ti_loss_with(target="noise", roots=True, first_t=False, cut="", item=False):
+    """A learner's textual-inversion loss written out by hand, right or with one of the usual mistakes."""
+
+    def textual_inversion_loss(text_encoder, unet, ids, z0, t, noise, alphas_cumprod):
+        if cut == "no_grad":
+            with torch.no_grad():
+                states = text_encoder(ids).last_hidden_state
+        else:
+            states = text_encoder(ids).last_hidden_state
+            states = states.detach() if cut == "detach" else states
+        ab = alphas_cumprod[t[0] if first_t else t].reshape(-1, 1, 1, 1)
+        z_t = (ab.sqrt() * z0 + (1 - ab).sqrt() * noise) if roots else (ab * z0 + (1 - ab) * noise)
+        loss = ((unet(z_t, t, states) - (noise if target == "noise" else z0)) ** 2).mean()
+        return loss.item() if item else loss
+
+    return textual_inversion_loss
+
+
+def test_the_textual_inversion_reference_equals_the_library():
+    """The checks' loss is course_lib.personalize.denoising_loss on the text tower's states; its gradient reaches the
+    row that add_token added, as personalize.fit trains it, and only that row."""
+    from course_lib import personalize
+    from course_lib.checks.personalize import textual_inversion_loss
+    from course_tools.agent import ProbeNewToken
+
+    from course_lib.schedules import sd_schedule
+
+    probe = ProbeNewToken()
+    schedule = sd_schedule()
+    g = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g)
+    t = torch.tensor([20, 480, 930])
+    with torch.no_grad():
+        want = personalize.denoising_loss(probe.unet, probe.text_encoder(probe.ids).last_hidden_state, z0, t, eps,
+                                          schedule)
+        got = textual_inversion_loss(probe.text_encoder, probe.unet, probe.ids, z0, t, eps, schedule.alphas_cumprod)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    new_id = probe.text_encoder.token_embedding.base.num_embeddings  # the first id after the table
+    assert (probe.ids == new_id).sum(dim=1).tolist() == [1, 1, 1]  # every caption uses the new token once
+    res = probe.gradient(textual_inversion_loss, z0, t, eps, schedule.alphas_cumprod)
+    assert res["keeps_graph"] and res["frozen_with_grad"] == 0
+    assert res["grad"].shape == (1, 128) and res["grad"].abs().sum() > 0
+    torch.testing.assert_close(res["loss"], got)
+
+
+def test_the_textual_inversion_checks_name_the_usual_mistakes():
+    """Right: every point. The clean latent as the target, no square roots, t[0] for the whole batch, text states cut
+    from the graph (no_grad or detach), a Python float: each fails the check that names it, with its hint."""
+    assert not _failures("textual_inversion_loss", "textual_inversion_loss", _ti_loss_with())
+
+    fails = _failures("textual_inversion_loss", "textual_inversion_loss", _ti_loss_with(target="z0"))
+    target = _the(fails, "the target is the noise")
+    assert "clean latent z0" in target.got and "epsilon-prediction" in target.hint
+    fails = _failures("textual_inversion_loss", "textual_inversion_loss", _ti_loss_with(roots=False))
+    roots = _the(fails, "z_t = sqrt(alpha_bar) z0")
+    assert "without square roots" in roots.got and "both factors take a square root" in roots.hint
+    fails = _failures("textual_inversion_loss", "textual_inversion_loss", _ti_loss_with(first_t=True))
+    own = _the(fails, "each sample is noised to its own timestep")
+    assert "t[0]" in own.got and "(B, 1, 1, 1)" in own.hint
+    assert not any(n.startswith(("a 0-dim", "the target", "z_t =")) for n in fails)  # one shared t: right
+    for cut in ("no_grad", "detach"):
+        fails = _failures("textual_inversion_loss", "textual_inversion_loss", _ti_loss_with(cut=cut))
+        verify = [c.name for c in EXERCISES["textual_inversion_loss"].checks if c.name.startswith("Verify")]
+        assert list(fails) == verify
+        assert "torch.no_grad() or .detach()" in next(iter(fails.values())).hint
+    fails = _failures("textual_inversion_loss", "textual_inversion_loss", _ti_loss_with(item=True))
+    assert ".item()" in _the(fails, "a 0-dim tensor").hint
