@@ -22,7 +22,7 @@ from .clip import CLIPConfig
 from .controlnet_train import ControlNetTraining, quick_training, train_controlnet
 from .evaluator import EvaluatorConfig, load_evaluator
 from .inpainting import quick_inpaint_check
-from .tiny_sd import TinySD
+from .tiny_sd import TinySD, load_tiny_sd
 from .train import (MODELS, CLIPTraining, DataSettings, EvaluatorTraining, InpaintUNetTraining, UNetTraining,
                     VAETraining, quick_settings, train_clip, train_evaluator, train_inpaint_unet, train_unet, train_vae)
 from .vae import VAEConfig
@@ -83,6 +83,12 @@ def main(argv: list[str] | None = None) -> None:
         elif name == "controlnet":  # the ControlNet trains against the frozen U-Net just written to `out`
             train_controlnet(scenes, heldout, tc=quick_training() if args.quick else None,
                              pipeline=TinySD.from_models, **common)
+        elif name == "personalize":  # lesson 10's adapters, on the models in `out`
+            from .personalize import PersonalizeTraining, quick_personalize, train_adapters
+
+            train_adapters(lambda: load_tiny_sd(args.device, weights_dir=out), load_evaluator(out, device=args.device),
+                           out, quick_personalize() if args.quick else PersonalizeTraining(),
+                           log=(lambda _: None) if args.quiet else print)
         else:  # the inpainting U-Net starts from the U-Net in `out`
             tc, _ = settings(name, InpaintUNetTraining(), None)
             train_inpaint_unet(scenes, heldout, tc=tc, measure=inpaint_measure(out, heldout, tc.eval_scenes, args.device),

@@ -73,10 +73,14 @@ def concept_scenes(concept: str, n: int = 8, seed: int = 0, split: data.Split = 
     """``n`` one-object pictures of ``concept`` (a shape or a colour of the world), everything else drawn as in the
     training world (training colours for a shape, training shapes for a colour). A colour concept is always named
     in the caption. Fewer than ``MIN_IMAGES`` pictures is an error."""
-    kind = concept_kind(concept)
     if not isinstance(n, int) or isinstance(n, bool) or n < MIN_IMAGES:
         raise ValueError(f"teaching a concept needs at least {MIN_IMAGES} pictures of it (got n={n!r}): with fewer, "
                          "nothing tells the concept apart from the one picture's colour, size and place")
+    return _scenes_of(concept, n, seed, split)
+
+
+def _scenes_of(concept: str, n: int, seed: int, split: data.Split) -> data.Scenes:
+    kind = concept_kind(concept)
     attrs = data.sample_attributes(n, seed, split, concepts="train", object_counts=(1.0, 0.0, 0.0))
     if kind == "shape":
         attrs["shape"][:, 0] = data.SHAPES.index(concept)
@@ -101,7 +105,7 @@ def with_word(captions: Iterable[str], concept: str, word: str) -> list[str]:
 
 def heldout_prompts(concept: str, n: int = 32, seed: int = 0) -> list[str]:
     """``n`` held-out one-object captions of ``concept`` (the evaluation prompts; the real word, not the trigger)."""
-    return concept_scenes(concept, n, seed, split="heldout").captions
+    return _scenes_of(concept, n, seed, "heldout").captions
 
 
 def ordinary_prompts(n: int = 48, seed: int = 0) -> list[str]:
@@ -281,6 +285,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"alpha must be a positive number, got {alpha!r}")
         self.base = base.requires_grad_(False)
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.multiplier = 1.0  # the LoRA scale at sampling time (set_lora_scale; diffusers' set_adapters weights)
         w = base.weight
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
@@ -289,11 +294,11 @@ class LoRALinear(nn.Module):
             self.lora_A.uniform_(-bound, bound, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
+        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * (self.scaling * self.multiplier)
 
     def delta_weight(self) -> torch.Tensor:
         """The update of the weight, (alpha / r) B A, shape (out, in)."""
-        return self.scaling * self.lora_B @ self.lora_A
+        return self.scaling * self.multiplier * self.lora_B @ self.lora_A
 
     def merged(self) -> nn.Linear:
         """A plain nn.Linear with the update folded in (W + (alpha/r) B A): no extra cost at sampling."""
@@ -336,6 +341,18 @@ def add_lora(unet: nn.Module, rank: int, alpha: float | None = None, targets: It
         parent, last = _parent(unet, name)
         setattr(parent, last, LoRALinear(getattr(parent, last), rank, alpha, generator=g))
     return names
+
+
+def set_lora_scale(unet: nn.Module, scale: float) -> None:
+    """Scale every adapter's update by ``scale`` at sampling time: 0 is the base model, 1 the trained adapters,
+    above 1 exaggerates them (diffusers: ``pipe.set_adapters(name, adapter_weights=scale)``)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"the LoRA scale must be a finite number, got {scale!r}")
+    layers = lora_layers(unet)
+    if not layers:
+        raise ValueError("this U-Net has no LoRA layers (add_lora or load_lora first)")
+    for layer in layers.values():
+        layer.multiplier = float(scale)
 
 
 def remove_lora(unet: nn.Module, merge: bool = False) -> nn.Module:
@@ -494,13 +511,16 @@ def textual_inversion(sd, scenes: data.Scenes, concept: str, token: str = "<new>
 
 
 def lora(sd, scenes: data.Scenes, concept: str, rank: int = 4, trigger: str = TRIGGER, steps: int = 300,
-         lr: float = 1e-2, batch_size: int = 8, seed: int = 0, callback=None) -> FitResult:
+         lr: float = 1e-3, batch_size: int = 8, seed: int = 0, prior: Encoded | None = None, prior_weight: float = 1.0,
+         callback=None) -> FitResult:
     """Train LoRA adapters of ``rank`` on ``sd.unet``'s attention projections (added in place) so that ``trigger``
-    draws ``concept``."""
+    draws ``concept``; with ``prior``, with DreamBooth's prior preservation (diffusers' ``train_dreambooth_lora.py``
+    offers the same)."""
     sd.clip.requires_grad_(False)
     add_lora(sd.unet, rank, seed=seed)
     instance = Encoded.from_images(sd, scenes.images, with_word(scenes.captions, concept, trigger))
-    return fit(sd, lora_parameters(sd.unet), instance, steps, lr, batch_size, seed=seed, callback=callback)
+    return fit(sd, lora_parameters(sd.unet), instance, steps, lr, batch_size, prior=prior, prior_weight=prior_weight,
+               seed=seed, callback=callback)
 
 
 @torch.no_grad()
@@ -565,3 +585,155 @@ def ordinary_adherence(sd, evaluator, n: int = 48, seed: int = 0, num_steps: int
     result = prompt_adherence(images, prompts, evaluator)
     return {"adherence": result["adherence"], "per_attribute": result["per_attribute"], "n": n, "images": images,
             "prompts": prompts}
+
+
+# ==============================================================================================
+# The shipped adapters: trained by `python -m course_lib.train --only personalize`
+# ==============================================================================================
+
+@dataclass
+class PersonalizeTraining:
+    """The full runs whose results ship in ``weights/`` (the lesson runs shorter ones live)."""
+
+    n_images: int = 8  # pictures of the new concept (DreamBooth's paper: 3 to 5 of a subject)
+    data_seed: int = 0
+    batch_size: int = 8
+    ti_concepts: tuple = ("heart", "brown", "triangle")  # two never seen, one the U-Net draws well (the control)
+    ti_init: tuple = ("circle", "orange", "circle")  # each token starts as this word's embedding
+    ti_steps: int = 600
+    ti_lr: float = 5e-2
+    lora_concept: str = "heart"
+    lora_ranks: tuple = (1, 2, 4, 8, 16)
+    lora_steps: int = 600
+    lora_lr: float = 1e-3
+    lora_prior_rank: int = 4  # this rank is also trained with prior preservation (lora_<concept>_r<rank>_prior)
+    db_steps: int = 600
+    db_lr: float = 2e-4
+    prior_images: int = 64  # the model's own pictures of ordinary prompts (prior preservation)
+    prior_weight: float = 1.0  # DreamBooth's lambda
+    eval_prompts: int = 64  # held-out prompts of the concept, written with the token, for the cards
+    eval_ordinary: int = 96  # ordinary held-out one-object prompts: forgetting
+    seed: int = 0
+
+
+def quick_personalize() -> PersonalizeTraining:
+    """A seconds-long run of every method (``python -m course_lib.train --quick``): it checks the command works."""
+    return PersonalizeTraining(n_images=3, batch_size=2, ti_concepts=("heart",), ti_init=("circle",), ti_steps=2,
+                               lora_ranks=(1,), lora_steps=2, db_steps=2, prior_images=2, eval_prompts=2,
+                               eval_ordinary=2)
+
+
+def lora_name(concept: str, rank: int) -> str:
+    return f"lora_{concept}_r{rank}"
+
+
+def load_textual_inversion_file(sd, name: str = "ti_heart", weights_dir=None, token: str | None = None) -> str:
+    """Add a shipped textual-inversion token (``weights/<name>.safetensors``, checksum checked) to ``sd``; returns
+    the token."""
+    from .weights import read_tensors
+
+    return load_textual_inversion(sd, read_tensors(name, weights_dir), token)
+
+
+def load_lora_file(unet: nn.Module, name: str = "lora_heart_r4", weights_dir=None) -> list[str]:
+    """Add a shipped LoRA (``weights/<name>.safetensors``, diffusers' format, checksum checked) to ``unet``."""
+    from .weights import read_tensors
+
+    return load_lora(unet, read_tensors(name, weights_dir))
+
+
+def load_dreambooth_unet(weights_dir=None, device=None, dtype=None):
+    """The U-Net DreamBooth fine-tuned with prior preservation (``weights/dreambooth_unet.*``, stored in float16)."""
+    from .unet import UNet, UNetConfig
+    from .weights import load_model
+
+    return load_model("dreambooth_unet", UNetConfig, UNet, weights_dir, device, dtype)
+
+
+def _measure(sd, evaluator, concept: str, word: str, tc: PersonalizeTraining) -> dict:
+    c = concept_adherence(sd, evaluator, concept, word, n=tc.eval_prompts)
+    o = ordinary_adherence(sd, evaluator, n=tc.eval_ordinary)
+    return {"concept_adherence": c["adherence"], "concept_read": c["concept"],
+            "per_attribute": c["per_attribute"], "ordinary_adherence": o["adherence"],
+            "n_concept_prompts": c["n"], "n_ordinary_prompts": o["n"], "ddim_steps": 20, "guidance": 5.0}
+
+
+def train_adapters(load_sd: Callable[[], object], evaluator, out_dir, tc: PersonalizeTraining | None = None,
+                   log: Callable[[str], None] = print) -> dict:
+    """Train and write every shipped adapter: ``ti_<concept>``, ``lora_<concept>_r<rank>``, ``dreambooth_unet``
+    (with prior preservation; the run without is measured for its card). ``load_sd()`` gives a fresh pipeline of
+    the shipped models. Returns the measurements, also written into the cards."""
+    from .weights import library_versions, save_model, save_tensors
+
+    tc = tc or PersonalizeTraining()
+    results: dict = {}
+    base = load_sd()
+    before = ordinary_adherence(base, evaluator, n=tc.eval_ordinary)["adherence"]
+    common = {"data_seed": tc.data_seed, "n_images": tc.n_images, "batch_size": tc.batch_size,
+              "ordinary_adherence_before": before, "device": "cpu", "torch_threads": torch.get_num_threads(),
+              "versions": library_versions()}
+
+    for concept, init in zip(tc.ti_concepts, tc.ti_init):
+        sd = load_sd()
+        token = f"<{concept}>"
+        scenes = concept_scenes(concept, tc.n_images, tc.data_seed)
+        r = textual_inversion(sd, scenes, concept, token, init, tc.ti_steps, tc.ti_lr, tc.batch_size, tc.seed)
+        m = _measure(sd, evaluator, concept, token, tc)
+        m["word_adherence_before"] = concept_adherence(base, evaluator, concept, concept, n=tc.eval_prompts)["adherence"]
+        results[f"ti_{concept}"] = m | {"seconds": r.seconds, "trainable": r.trainable}
+        save_tensors({token: token_embedding(sd, token)}, f"ti_{concept}",
+                     {"method": "textual_inversion", "token": token, "concept": concept, "init": init},
+                     {**common, "steps": tc.ti_steps, "lr": tc.ti_lr, "wall_time_s": round(r.seconds, 1),
+                      "loss": _loss_summary(r.losses), "metrics": m,
+                      "format": "diffusers' learned_embeds.safetensors: {token: (width,)}"}, out_dir)
+        log(f"ti_{concept}: {r.seconds:.0f}s, concept adherence {m['concept_adherence']:.2f}")
+
+    scenes = concept_scenes(tc.lora_concept, tc.n_images, tc.data_seed)
+    sd = load_sd()
+    images, captions = prior_pictures(sd, tc.prior_images)
+    prior = Encoded.from_images(sd, images, captions)
+    runs = [(rank, False) for rank in tc.lora_ranks] + [(tc.lora_prior_rank, True)]
+    for rank, with_prior in runs:
+        sd = load_sd()
+        r = lora(sd, scenes, tc.lora_concept, rank, TRIGGER, tc.lora_steps, tc.lora_lr, tc.batch_size, tc.seed,
+                 prior=prior if with_prior else None, prior_weight=tc.prior_weight)
+        m = _measure(sd, evaluator, tc.lora_concept, TRIGGER, tc)
+        name = lora_name(tc.lora_concept, rank) + ("_prior" if with_prior else "")
+        results[name] = m | {"seconds": r.seconds, "trainable": r.trainable}
+        save_tensors(lora_state_dict(sd.unet), name,
+                     {"method": "lora", "rank": rank, "alpha": rank, "targets": list(LORA_TARGETS),
+                      "concept": tc.lora_concept, "trigger": TRIGGER, "prior_preservation": with_prior},
+                     {**common, "steps": tc.lora_steps, "lr": tc.lora_lr, "wall_time_s": round(r.seconds, 1),
+                      "loss": _loss_summary(r.losses), "metrics": m,
+                      **({"prior_images": tc.prior_images, "prior_weight": tc.prior_weight} if with_prior else {}),
+                      "format": "diffusers' LoRA format (peft names, prefix unet.): "
+                                "pipe.load_lora_weights(folder, weight_name=file)"}, out_dir)
+        log(f"{name}: {r.seconds:.0f}s, concept adherence {m['concept_adherence']:.2f}, "
+            f"ordinary {m['ordinary_adherence']:.2f} (before {before:.2f})")
+    for with_prior in (False, True):
+        sd = load_sd()
+        r = dreambooth(sd, scenes, tc.lora_concept, TRIGGER, prior if with_prior else None, tc.prior_weight,
+                       tc.db_steps, tc.db_lr, tc.batch_size, tc.seed)
+        m = _measure(sd, evaluator, tc.lora_concept, TRIGGER, tc)
+        key = "dreambooth_prior" if with_prior else "dreambooth_no_prior"
+        results[key] = m | {"seconds": r.seconds, "trainable": r.trainable}
+        log(f"{key}: {r.seconds:.0f}s, concept adherence {m['concept_adherence']:.2f}, "
+            f"ordinary {m['ordinary_adherence']:.2f} (before {before:.2f})")
+        if with_prior:
+            save_model(sd.unet, "dreambooth_unet", sd.unet.config,
+                       {**common, "method": "dreambooth", "concept": tc.lora_concept, "trigger": TRIGGER,
+                        "steps": tc.db_steps, "lr": tc.db_lr, "prior_images": tc.prior_images,
+                        "prior_weight": tc.prior_weight, "wall_time_s": round(r.seconds, 1),
+                        "loss": _loss_summary(r.losses), "metrics": m,
+                        "without_prior_preservation": results["dreambooth_no_prior"],
+                        "stored_as": "float16 (loads as float32): the full U-Net, fine-tuned"},
+                       out_dir, dtype=torch.float16)
+    return results
+
+
+def _loss_summary(values: list[float]) -> dict:
+    k = max(1, len(values) // 20)
+    chunk = max(1, len(values) // 50)
+    curve = [sum(values[i:i + chunk]) / len(values[i:i + chunk]) for i in range(0, len(values), chunk)]
+    return {"first": sum(values[:k]) / k, "last": sum(values[-k:]) / k, "curve_every_steps": chunk,
+            "curve": [round(c, 6) for c in curve]}

@@ -38,7 +38,9 @@ from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig, compute_scaling_factor
 from .weights import WEIGHTS_DIR, library_versions, load_clip, load_unet, load_vae, read_card, save_model
 
-MODELS = ("evaluator", "vae", "clip", "unet", "controlnet", "inpaint_unet")  # in training order: each may use the ones before
+MODELS = ("evaluator", "vae", "clip", "unet", "controlnet", "inpaint_unet", "personalize")  # in training order: each
+# may use the ones before. "personalize" writes lesson 10's adapters (personalize.train_adapters): ti_*, lora_*_r*,
+# dreambooth_unet.
 
 
 # --- Training settings: one small dataclass per model. ---------------------------------------------

@@ -104,6 +104,26 @@ def save_model(model: nn.Module, name: str, config: Any, card: dict, weights_dir
     return tensor_path
 
 
+def save_tensors(state: dict[str, torch.Tensor], name: str, config: dict, card: dict,
+                 weights_dir: str | Path | None = None) -> Path:
+    """Write tensors that are not one module's state dict (an adapter in the format another library reads: a
+    LoRA file for diffusers' ``load_lora_weights``, a textual-inversion embedding) as ``<name>.safetensors``, with a
+    model card ``<name>.json`` (``config``: what rebuilds or applies them; checksum as for ``save_model``)."""
+    from safetensors.torch import save
+
+    tensor_path, card_path = _paths(name, weights_dir)
+    tensor_path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    tensor_path.write_bytes(_canonical_header(save(state, metadata={"name": name, "format": "pt"})))
+    full_card = {"name": name, "card_version": CARD_VERSION, "config": config,
+                 "num_parameters": sum(v.numel() for v in state.values()), "file_bytes": tensor_path.stat().st_size,
+                 "sha256": _sha256(tensor_path), **card}
+    if "versions" not in full_card:
+        full_card["versions"] = library_versions()
+    card_path.write_text(json.dumps(full_card, indent=2, default=_json_default) + "\n")
+    return tensor_path
+
+
 def _canonical_header(raw: bytes) -> bytes:
     """The same safetensors file with its JSON header written with sorted keys.
 

@@ -52,6 +52,7 @@ LESSONS = (
     LessonCheck("notebooks/00_welcome.ipynb", controls=("t",)),
     LessonCheck("notebooks/08_sd_lineage.ipynb", controls=("Euler steps",)),
     LessonCheck("notebooks/09_editing.ipynb", controls=("strength",)),
+    LessonCheck("notebooks/10_personalize.ipynb", controls=("LoRA scale",)),
 )
 
 # Chromium flags for a closed network and a container: no first-run UI, nothing phoned home, no sandbox

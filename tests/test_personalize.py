@@ -226,6 +226,15 @@ def test_diffusers_load_lora_weights_gives_the_course_images(sd, tmp_path):
         their_images = pipe.vae.decode(theirs / pipe.vae.config.scaling_factor).sample.clamp(-1, 1)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(images, their_images, atol=1e-4, rtol=1e-4)
+    P.set_lora_scale(sd.unet, 0.5)  # the LoRA scale: diffusers' set_adapters weight
+    pipe.set_adapters(pipe.get_active_adapters(), adapter_weights=[0.5])
+    half = sd.generate(prompts, num_steps=8, latents=latents, return_latents=True)[1]
+    with torch.no_grad():
+        their_half = pipe(prompt_embeds=sd.encode_prompt(prompts), negative_prompt_embeds=sd.encode_prompt([""] * 2),
+                          latents=latents, height=64, width=64, num_inference_steps=8, guidance_scale=5.0,
+                          output_type="latent").images
+    torch.testing.assert_close(half, their_half, atol=1e-5, rtol=1e-5)
+    assert (half - ours).abs().max() > 1e-3
     pipe.unload_lora_weights()
     with torch.no_grad():
         without = pipe(prompt_embeds=sd.encode_prompt(prompts), negative_prompt_embeds=sd.encode_prompt([""] * 2),
