@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -55,7 +56,7 @@ def measure(sd, evaluator, concept: str, word: str, n: int, n_ordinary: int, see
 
 
 def save_samples(rows: list[tuple[str, torch.Tensor]], prompts: list[str], path: Path) -> None:
-    fig, axes = plt.subplots(len(rows), len(prompts), figsize=(1.3 * len(prompts), 1.45 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), len(prompts), figsize=(1.5 * len(prompts), 1.7 * len(rows)), squeeze=False)
     for r, (label, images) in enumerate(rows):
         for c, im in enumerate(to_uint8(images)):
             ax = axes[r, c]
@@ -63,8 +64,8 @@ def save_samples(rows: list[tuple[str, torch.Tensor]], prompts: list[str], path:
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(prompts[c], fontsize=6)
-        axes[r, 0].set_ylabel(label, fontsize=7)
+                ax.set_title(textwrap.fill(prompts[c], 22), fontsize=6)
+        axes[r, 0].set_ylabel(textwrap.fill(label, 18), fontsize=7)
     fig.suptitle("The same held-out prompts of hearts and the same noise through each method", fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=110)
@@ -103,7 +104,7 @@ def main(argv=None):
         if sample and concept_ == concept:
             samples.append((method.split(" (")[0], sd.generate(P.with_word(show, concept, word),
                                                                generator=torch.Generator().manual_seed(args.seed))))
-        print(f"  {method}: heart read {m['concept_read']:.0%}, all attributes {m['concept_adherence']:.0%}, "
+        print(f"  {method}: {concept_} read {m['concept_read']:.0%}, all attributes {m['concept_adherence']:.0%}, "
               f"ordinary {m['ordinary_adherence']:.0%} ({time.time() - t0:.0f}s)", flush=True)
 
     print(f"# Personalisation benchmark: {args.n} held-out prompts of the concept, {args.ordinary} ordinary prompts, "
@@ -115,7 +116,7 @@ def main(argv=None):
         card = read_card(f"ti_{c}", args.weights)
         if c != concept:
             add(f"the word '{c}' itself, shipped model", base, c, 0, 0.0, concept_=c)
-        add(f"textual inversion {token}", sd, token, card["num_parameters"], card["wall_time_s"], concept_=c)
+        add(f"textual inversion ({c})", sd, token, card["num_parameters"], card["wall_time_s"], concept_=c)
     for r, suffix in [(r, "") for r in tc.lora_ranks] + [(tc.lora_prior_rank, "_prior")]:
         sd = fresh()
         name = P.lora_name(concept, r) + suffix
@@ -142,13 +143,14 @@ def main(argv=None):
 
     before = rows[0]["ordinary_adherence"]
     print("\n| method | word | trainable parameters | CPU time | concept read | all attributes right | "
-          "ordinary prompts right | forgetting |")
+          "ordinary prompts right | forgetting (points lost) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         row["forgetting"] = before - row["ordinary_adherence"]
-        print(f"| {row['method']} | `{row['word']}` | {row['trainable']:,} | {row['seconds']:.0f} s | "
+        secs = f"{row['seconds']:.0f} s" if row["seconds"] else "-"
+        print(f"| {row['method']} | `{row['word']}` | {row['trainable']:,} | {secs} | "
               f"{row['concept_read']:.0%} | {row['concept_adherence']:.0%} | {row['ordinary_adherence']:.0%} | "
-              f"{100 * row['forgetting']:+.0f} pts |")
+              f"{100 * row['forgetting']:.0f} |")
     save_samples(samples, [P.with_word([p], concept, "*")[0] for p in show], assets / "personalize_samples.png")
     results = {"rows": rows, "n_concept_prompts": args.n, "n_ordinary_prompts": args.ordinary, "ddim_steps": 20,
                "guidance_scale": 5.0, "seed": args.seed, "concept": concept, "torch_threads": torch.get_num_threads(),

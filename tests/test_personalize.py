@@ -270,3 +270,81 @@ def test_fit_refuses_too_few_pictures_and_no_parameters(sd):
         P.fit(sd, list(sd.unet.parameters())[:1], two, steps=1, lr=1e-3)
     with pytest.raises(ValueError, match="nothing to train"):
         P.fit(sd, [], P.Encoded.from_images(sd, scenes.images, scenes.captions), steps=1, lr=1e-3)
+
+
+def test_lora_scale_zero_is_the_base_model_and_bad_scales_are_refused(sd):
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ctx = sd.encode_prompt(["a red circle"])
+    with torch.no_grad():
+        base = sd.unet(z, 300, ctx)
+        _random_lora(sd.unet)
+        P.set_lora_scale(sd.unet, 0.0)
+        torch.testing.assert_close(sd.unet(z, 300, ctx), base)
+        P.set_lora_scale(sd.unet, 1.0)
+        assert (sd.unet(z, 300, ctx) - base).abs().max() > 1e-3
+    for bad in (float("nan"), "1", True):
+        with pytest.raises(ValueError, match="finite number"):
+            P.set_lora_scale(sd.unet, bad)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        P.set_lora_scale(load_tiny_sd().unet, 0.5)
+
+
+# --- the shipped adapters and the benchmark ---------------------------------------------------------------------------
+
+def _shipped(name):
+    from course_lib.weights import WEIGHTS_DIR
+
+    if not (WEIGHTS_DIR / f"{name}.json").exists():
+        pytest.skip(f"no weights/{name}.* (python -m course_lib.train --only personalize)")
+
+
+def test_shipped_adapters_load_with_their_checksums_and_change_only_what_they_should(sd):
+    _shipped("dreambooth_unet")
+    from course_lib.weights import read_card
+
+    plain = sd.encode_prompt(["a red circle"])
+    token = P.load_textual_inversion_file(sd, "ti_heart")
+    assert token == "<heart>" and read_card("ti_heart")["config"]["concept"] == "heart"
+    torch.testing.assert_close(sd.encode_prompt(["a red circle"]), plain)
+    assert not torch.allclose(sd.encode_prompt(["a red <heart>"]), sd.encode_prompt(["a red circle"]))
+    names = P.load_lora_file(sd.unet, "lora_heart_r4")
+    assert len(names) == len(P.lora_layers(sd.unet)) > 0
+    card = read_card("lora_heart_r4")
+    assert card["num_parameters"] == P.count_parameters(P.lora_parameters(sd.unet)) and card["config"]["rank"] == 4
+    db = P.load_dreambooth_unet()
+    assert db.card["stored_dtype"] == "float16" and next(db.parameters()).dtype == torch.float32
+    assert db.card["metrics"]["ordinary_adherence"] >= 0 and "without_prior_preservation" in db.card
+
+
+def test_the_shipped_dreambooth_unet_draws_hearts_for_sks_more_often_than_the_shipped_unet(sd):
+    """The effect the card reports, re-measured on 16 held-out prompts: more hearts than the unknown word gets."""
+    _shipped("dreambooth_unet")
+    from course_lib.evaluator import load_evaluator
+
+    evaluator = load_evaluator()
+    before = P.concept_adherence(sd, evaluator, "heart", P.TRIGGER, n=16)["concept"]
+    sd.unet = P.load_dreambooth_unet()
+    after = P.concept_adherence(sd, evaluator, "heart", P.TRIGGER, n=16)["concept"]
+    assert after > before + 0.1, (before, after)
+
+
+def test_the_benchmark_runs_end_to_end(tmp_path):
+    _shipped("dreambooth_unet")
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_personalize.py"), "--n", "2",
+                           "--ordinary", "2", "--skip-retrain", "--threads", "1", "--assets", str(tmp_path)],
+                          cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench_personalize.json").read_text())
+    methods = [row["method"] for row in result["rows"]]
+    assert "textual inversion (heart)" in methods and "textual inversion (triangle)" in methods
+    assert any(m == "LoRA rank 4 + prior preservation" for m in methods)
+    assert methods[-1] == "DreamBooth + prior preservation" and (tmp_path / "personalize_samples.png").exists()
+    assert "| method |" in proc.stdout
