@@ -26,7 +26,7 @@ price: after fine-tuning, *every* unknown word, a typo included, reads as the ne
 Every method uses the same denoising loss as training the U-Net (``denoising_loss``): noise a latent of one
 of the concept's pictures, ask for the noise back, given the caption with the concept's word replaced by the
 prompt word. Measured in ``benchmarks/bench_personalize.py``; the shipped results are in ``weights/``
-(``ti_*``, ``lora_heart``, ``dreambooth_unet``) with their model cards.
+(``ti_*``, ``lora_heart_r*``, ``dreambooth_unet``) with their model cards.
 
 Notation as in ``course_lib/schedules.py``: z0 a scaled latent, t a timestep, eps the noise,
 z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps.
@@ -157,7 +157,10 @@ class Encoded:
         return len(self.captions)
 
     def batch(self, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-        z0 = self.scale * (self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=g))
+        """Scaled latents of the pictures ``idx`` (a fresh posterior sample, drawn on the CPU from ``g``) and their
+        captions."""
+        mean, std = self.mean[idx.to(self.mean.device)], self.std[idx.to(self.mean.device)]
+        z0 = self.scale * (mean + std * torch.randn(mean.shape, generator=g).to(mean))
         return z0, [self.captions[i] for i in idx.tolist()]
 
 
@@ -287,11 +290,10 @@ class LoRALinear(nn.Module):
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self.multiplier = 1.0  # the LoRA scale at sampling time (set_lora_scale; diffusers' set_adapters weights)
         w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
         bound = 1.0 / math.sqrt(base.in_features)  # kaiming_uniform_(a=sqrt(5)) on an (r, in) weight
-        with torch.no_grad():
-            self.lora_A.uniform_(-bound, bound, generator=generator)
+        a = torch.empty(rank, base.in_features).uniform_(-bound, bound, generator=generator)  # drawn on the CPU
+        self.lora_A = nn.Parameter(a.to(w.device, w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * (self.scaling * self.multiplier)
@@ -454,10 +456,10 @@ def fit(sd, params: list[nn.Parameter], instance: Encoded, steps: int, lr: float
     started = time.time()
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    train_mode = [m.training for m in (sd.unet, sd.clip)]
     sd.unet.train()
     losses, prior_losses = [], []
     schedule = sd.schedule
+    device = sd.device
     try:
         for step in range(steps):
             idx = torch.randint(0, len(instance), (batch_size,), generator=g)
@@ -466,11 +468,11 @@ def fit(sd, params: list[nn.Parameter], instance: Encoded, steps: int, lr: float
                 pidx = torch.randint(0, len(prior), (batch_size,), generator=g)
                 pz0, pcaps = prior.batch(pidx, g)
                 z0, captions = torch.cat([z0, pz0]), captions + pcaps
-            t = torch.randint(0, schedule.num_train_timesteps, (z0.shape[0],), generator=g)
-            eps = torch.randn(z0.shape, generator=g)
+            t = torch.randint(0, schedule.num_train_timesteps, (z0.shape[0],), generator=g).to(device)
+            eps = torch.randn(z0.shape, generator=g).to(z0)  # noise drawn on the CPU: the same on every device
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UnknownWordsWarning)  # the rare identifier is unknown on purpose
-                ids = sd.tokenizer(captions)
+                ids = sd.tokenizer(captions).to(device)
             states = sd.clip.text(ids).last_hidden_state
             if prior is None:
                 loss = denoising_loss(sd.unet, states, z0, t, eps, schedule)
@@ -488,9 +490,7 @@ def fit(sd, params: list[nn.Parameter], instance: Encoded, steps: int, lr: float
             if callback is not None:
                 callback(step, losses[-1])
     finally:
-        sd.unet.train(train_mode[0])
-        sd.clip.train(train_mode[1])
-        sd.unet.eval()
+        sd.unet.eval()  # the pipeline samples in eval mode
     return FitResult(losses, time.time() - started, count_parameters(params), prior_losses)
 
 

@@ -348,3 +348,17 @@ def test_the_benchmark_runs_end_to_end(tmp_path):
     assert any(m == "LoRA rank 4 + prior preservation" for m in methods)
     assert methods[-1] == "DreamBooth + prior preservation" and (tmp_path / "personalize_samples.png").exists()
     assert "| method |" in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_three_methods_train_on_cuda_with_the_cpus_first_steps():
+    """The same seeded run on CPU and CUDA: noise and batches are drawn on the CPU, so the first losses agree."""
+    losses = {}
+    for device in ("cpu", "cuda"):
+        sd = load_tiny_sd(device)
+        scenes = P.concept_scenes("heart", 4)
+        losses[device] = [P.textual_inversion(sd, scenes, "heart", token="<h>", steps=2).losses[0],
+                          P.lora(load_tiny_sd(device), scenes, "heart", rank=2, steps=2).losses[0],
+                          P.dreambooth(load_tiny_sd(device), scenes, "heart", steps=2).losses[0]]
+    assert losses["cpu"] == pytest.approx(losses["cuda"], rel=1e-3)
