@@ -732,8 +732,9 @@ def train_adapters(load_sd: Callable[[], object], evaluator, out_dir, tc: Person
 
 
 def _loss_summary(values: list[float]) -> dict:
-    k = max(1, len(values) // 20)
-    chunk = max(1, len(values) // 50)
-    curve = [sum(values[i:i + chunk]) / len(values[i:i + chunk]) for i in range(0, len(values), chunk)]
-    return {"first": sum(values[:k]) / k, "last": sum(values[-k:]) / k, "curve_every_steps": chunk,
-            "curve": [round(c, 6) for c in curve]}
+    """The model card's loss summary, as the other models' cards have it (``train.LossLog.summary``)."""
+    from .train import LossLog
+
+    log = LossLog()
+    log.values = [float(v) for v in values]
+    return log.summary()
