@@ -48,13 +48,6 @@ from course_lib.viz.plotting import to_uint8  # noqa: E402
 from course_lib.weights import read_card  # noqa: E402
 
 
-def measure(sd, evaluator, concept: str, word: str, n: int, n_ordinary: int, seed: int) -> dict:
-    c = P.concept_adherence(sd, evaluator, concept, word, n=n, seed=seed)
-    o = P.ordinary_adherence(sd, evaluator, n=n_ordinary, seed=seed)
-    return {"concept_read": c["concept"], "concept_adherence": c["adherence"], "ordinary_adherence": o["adherence"],
-            "per_attribute": c["per_attribute"]}
-
-
 def save_samples(rows: list[tuple[str, torch.Tensor]], prompts: list[str], path: Path) -> None:
     fig, axes = plt.subplots(len(rows), len(prompts), figsize=(1.5 * len(prompts), 1.7 * len(rows)), squeeze=False)
     for r, (label, images) in enumerate(rows):
@@ -98,7 +91,7 @@ def main(argv=None):
 
     def add(method: str, sd, word: str, trainable: int, seconds: float, concept_: str = concept, sample: bool = True,
             **extra):
-        m = measure(sd, evaluator, concept_, word, args.n, args.ordinary, args.seed)
+        m = P.measure(sd, evaluator, concept_, word, args.n, args.ordinary, args.seed)
         rows.append({"method": method, "concept": concept_, "word": word, "trainable": trainable,
                      "seconds": seconds, **m, **extra})
         if sample and concept_ == concept:

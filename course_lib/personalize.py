@@ -650,9 +650,12 @@ def load_dreambooth_unet(weights_dir=None, device=None, dtype=None):
     return load_model("dreambooth_unet", UNetConfig, UNet, weights_dir, device, dtype)
 
 
-def _measure(sd, evaluator, concept: str, word: str, tc: PersonalizeTraining) -> dict:
-    c = concept_adherence(sd, evaluator, concept, word, n=tc.eval_prompts)
-    o = ordinary_adherence(sd, evaluator, n=tc.eval_ordinary)
+def measure(sd, evaluator, concept: str, word: str, n: int = 64, n_ordinary: int = 96, seed: int = 0) -> dict:
+    """What an adapter buys and costs: ``concept_adherence`` of ``n`` held-out prompts of ``concept`` written with
+    ``word`` (and ``concept_read``, the share read as the concept) and ``ordinary_adherence`` of ``n_ordinary``
+    ordinary prompts (forgetting), DDIM 20 steps, guidance 5. The model cards and bench_personalize.py use it."""
+    c = concept_adherence(sd, evaluator, concept, word, n=n, seed=seed)
+    o = ordinary_adherence(sd, evaluator, n=n_ordinary, seed=seed)
     return {"concept_adherence": c["adherence"], "concept_read": c["concept"],
             "per_attribute": c["per_attribute"], "ordinary_adherence": o["adherence"],
             "n_concept_prompts": c["n"], "n_ordinary_prompts": o["n"], "ddim_steps": 20, "guidance": 5.0}
@@ -678,7 +681,7 @@ def train_adapters(load_sd: Callable[[], object], evaluator, out_dir, tc: Person
         token = f"<{concept}>"
         scenes = concept_scenes(concept, tc.n_images, tc.data_seed)
         r = textual_inversion(sd, scenes, concept, token, init, tc.ti_steps, tc.ti_lr, tc.batch_size, tc.seed)
-        m = _measure(sd, evaluator, concept, token, tc)
+        m = measure(sd, evaluator, concept, token, tc.eval_prompts, tc.eval_ordinary)
         m["word_adherence_before"] = concept_adherence(base, evaluator, concept, concept, n=tc.eval_prompts)["adherence"]
         results[f"ti_{concept}"] = m | {"seconds": r.seconds, "trainable": r.trainable}
         save_tensors({token: token_embedding(sd, token)}, f"ti_{concept}",
@@ -697,7 +700,7 @@ def train_adapters(load_sd: Callable[[], object], evaluator, out_dir, tc: Person
         sd = load_sd()
         r = lora(sd, scenes, tc.lora_concept, rank, TRIGGER, tc.lora_steps, tc.lora_lr, tc.batch_size, tc.seed,
                  prior=prior if with_prior else None, prior_weight=tc.prior_weight)
-        m = _measure(sd, evaluator, tc.lora_concept, TRIGGER, tc)
+        m = measure(sd, evaluator, tc.lora_concept, TRIGGER, tc.eval_prompts, tc.eval_ordinary)
         name = lora_name(tc.lora_concept, rank) + ("_prior" if with_prior else "")
         results[name] = m | {"seconds": r.seconds, "trainable": r.trainable}
         save_tensors(lora_state_dict(sd.unet), name,
@@ -714,7 +717,7 @@ def train_adapters(load_sd: Callable[[], object], evaluator, out_dir, tc: Person
         sd = load_sd()
         r = dreambooth(sd, scenes, tc.lora_concept, TRIGGER, prior if with_prior else None, tc.prior_weight,
                        tc.db_steps, tc.db_lr, tc.batch_size, tc.seed)
-        m = _measure(sd, evaluator, tc.lora_concept, TRIGGER, tc)
+        m = measure(sd, evaluator, tc.lora_concept, TRIGGER, tc.eval_prompts, tc.eval_ordinary)
         key = "dreambooth_prior" if with_prior else "dreambooth_no_prior"
         results[key] = m | {"seconds": r.seconds, "trainable": r.trainable}
         log(f"{key}: {r.seconds:.0f}s, concept adherence {m['concept_adherence']:.2f}, "
