@@ -44,10 +44,20 @@ DEFAULT_CALL_TIMEOUT = 10.0  # seconds one call into the learner's code may take
 # ----------------------------------------------------------------------------------------------
 # Errors
 # ----------------------------------------------------------------------------------------------
+MAX_MESSAGE_CHARS = 1000  # a check's expected/got/hint text is cut to this: "got" can quote what a learner's code made
+
+
+def _cut(text, limit: int = MAX_MESSAGE_CHARS):
+    text = text if isinstance(text, str) or text is None else str(text)
+    return text if text is None or len(text) <= limit else text[:limit] + f" ... ({len(text) - limit} more characters)"
+
+
 class Failed(Exception):
-    """A check failed; raised by `Run` helpers inside a check function, caught by `Exercise.run`."""
+    """A check failed; raised by `Run` helpers inside a check function, caught by `Exercise.run`. The texts are cut
+    to ``MAX_MESSAGE_CHARS`` each, so that a learner's object quoted in "got" cannot blow up a report."""
 
     def __init__(self, expected: str, got: str, hint: str | None = None):
+        expected, got, hint = _cut(expected), _cut(got), _cut(hint)
         super().__init__(f"expected {expected}, got {got}")
         self.expected, self.got, self.hint = expected, got, hint
 

@@ -973,3 +973,12 @@ def test_the_textual_inversion_checks_name_the_usual_mistakes():
         assert "torch.no_grad() or .detach()" in next(iter(fails.values())).hint
     fails = _failures("textual_inversion_loss", "textual_inversion_loss", _ti_loss_with(item=True))
     assert ".item()" in _the(fails, "a 0-dim tensor").hint
+
+
+def test_a_failed_checks_texts_are_cut_so_a_learners_object_cannot_blow_up_a_report():
+    from course_tools.checking import MAX_MESSAGE_CHARS, Failed
+
+    err = Failed("a dict", "keys " + "x" * 10_000_000, "h" * 5000)
+    assert len(err.got) < MAX_MESSAGE_CHARS + 60 and "more characters" in err.got
+    assert len(err.hint) < MAX_MESSAGE_CHARS + 60 and len(str(err)) < 3 * MAX_MESSAGE_CHARS
+    assert Failed("a", "b", None).hint is None and Failed("a", "b").got == "b"

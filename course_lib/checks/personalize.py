@@ -208,6 +208,11 @@ def _(run, learner):
     x, g = run.randn(3, i, k=4), run.randn(3, o, k=5)
     res = run.vjp(layer, x, wrt=[0], grad_output=g, label=f"{label}(x).backward(g)")
     names = sorted(res["param_grads"]) if isinstance(res["param_grads"], dict) else []
+    odd = [n for n in names if not isinstance(n, str) or len(n) > 200 or n.count(".") > 8]
+    if odd or len(names) > 64:  # a LoRA layer has a handful of short parameter names: do not walk anything else
+        raise Failed(f"a few parameters with short names in {label} (lora_A, lora_B, base.weight, base.bias)",
+                     f"{len(names)} parameters, names such as {[str(n)[:40] for n in (odd or names)[:3]]}",
+                     "Keep the layer plain: self.base, self.lora_A, self.lora_B.")
     trainable = [n for n in names
                  if run.get(functools.reduce(getattr, [*n.split("."), "requires_grad"], layer), label=f"{label}.{n}")]
     if trainable == ["lora_A", "lora_B"]:

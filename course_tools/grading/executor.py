@@ -53,6 +53,7 @@ SUSPICIOUS = {  # source patterns reported to the instructor (never scored): way
     "__code__": "replaces code objects", "ctypes": "uses ctypes", "gc.get_objects": "walks the garbage collector",
     "/proc/": "reads /proc", "solutions/": "names the solutions folder", "course_lib.checks": "imports the checks",
     "os._exit": "exits the process", "sys.modules": "edits sys.modules",
+    "course_tools.agent": "imports the grader's agent (its probes answer the checks)",
 }
 
 
