@@ -23,7 +23,8 @@ from .controlnet_train import ControlNetTraining, quick_training, train_controln
 from .evaluator import EvaluatorConfig, load_evaluator
 from .inpainting import quick_inpaint_check
 from .tiny_sd import TinySD, load_tiny_sd
-from .train import (MODELS, CLIPTraining, DataSettings, EvaluatorTraining, InpaintUNetTraining, UNetTraining,
+from .train import (MODELS, CLIPTraining, DataSettings, EvaluatorTraining, FlowUNetTraining, InpaintUNetTraining,
+                    UNetTraining,
                     VAETraining, quick_settings, train_clip, train_evaluator, train_inpaint_unet, train_unet, train_vae)
 from .vae import VAEConfig
 from .weights import WEIGHTS_DIR
@@ -80,6 +81,15 @@ def main(argv: list[str] | None = None) -> None:
         elif name == "unet":
             tc, cfg = settings(name, UNetTraining(), None)
             train_unet(scenes, heldout, tc=tc, config=cfg, pipeline=TinySD.from_models, **common)
+        elif name == "flow_unet":  # lesson 11: the U-Net's budget, SD 3's objective
+            from .flow_sd import FlowSD
+
+            tc, cfg = settings(name, FlowUNetTraining(), None)
+            train_unet(scenes, heldout, tc=tc, config=cfg, pipeline=FlowSD.from_models, **common)
+        elif name == "lcm_unet":  # lesson 11: the U-Net in `out` distilled into a few-step consistency model
+            from .lcm import LCMTraining, distill_lcm, quick_lcm
+
+            distill_lcm(scenes, heldout, tc=quick_lcm() if args.quick else LCMTraining(), **common)
         elif name == "controlnet":  # the ControlNet trains against the frozen U-Net just written to `out`
             train_controlnet(scenes, heldout, tc=quick_training() if args.quick else None,
                              pipeline=TinySD.from_models, **common)

@@ -188,3 +188,114 @@ class VelocityMLP(torch.nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         features = sinusoidal_features(sigma.to(x), self.time_features)  # (B, time_features)
         return self.net(torch.cat([x, features], dim=1))
+
+
+# --- Theory in 2-D (lesson 11): conditional and marginal paths, the ODE and the SDE. ---
+#
+# Data: a mixture of K Gaussians N(m_k, tau^2 I) with weights pi_k (the ring above is one). For the straight
+# path x_sigma = (1 - sigma) x0 + sigma eps everything is Gaussian given the mode k, so the *marginal* velocity
+# field, the one the ODE must follow, has a closed form. A network trained on the *conditional* target eps - x0
+# (``flow_matching_loss``) regresses onto it, because the minimiser of E |v(x_sigma) - (eps - x0)|^2 is
+# v(x) = E[eps - x0 | x_sigma = x]: the conditional flow-matching theorem (Lipman et al. 2022) in one line.
+
+
+class GaussianMixture2D:
+    """A mixture of isotropic Gaussians in 2-D: ``means`` (K, 2), one ``std`` (tau), ``weights`` (K,) summing to 1."""
+
+    def __init__(self, means: torch.Tensor, std: float, weights: torch.Tensor | None = None):
+        means = torch.as_tensor(means, dtype=torch.float64)
+        if means.dim() != 2 or means.shape[1] != 2 or len(means) == 0:
+            raise ValueError(f"means must be (K, 2) with K >= 1, got {tuple(means.shape)}")
+        if not std > 0:
+            raise ValueError(f"std must be positive, got {std}")
+        weights = torch.full((len(means),), 1.0 / len(means), dtype=torch.float64) if weights is None else \
+            torch.as_tensor(weights, dtype=torch.float64)
+        if weights.shape != (len(means),) or (weights < 0).any() or abs(float(weights.sum()) - 1) > 1e-6:
+            raise ValueError(f"weights must be {len(means)} non-negative numbers summing to 1, got {weights.tolist()}")
+        self.means, self.std, self.weights = means, float(std), weights
+
+    @classmethod
+    def ring(cls, modes: int = 8, radius: float = 2.0, std: float = 0.12) -> "GaussianMixture2D":
+        """``ring_of_gaussians``' distribution."""
+        angle = 2 * math.pi * torch.arange(modes, dtype=torch.float64) / modes
+        return cls(radius * torch.stack([angle.cos(), angle.sin()], 1), std)
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n, 2) float32 points."""
+        k = torch.multinomial(self.weights.float(), n, replacement=True, generator=generator)
+        return (self.means[k] + self.std * torch.randn(n, 2, generator=generator, dtype=torch.float64)).float()
+
+    def _posterior(self, x: torch.Tensor, sigma: torch.Tensor):
+        """Given x at noise level sigma: responsibilities r (N, K), E[x0 | x, k] and E[eps | x, k] (N, K, 2)."""
+        x = x.double()[:, None, :]  # (N, 1, 2)
+        s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1).expand(x.shape[0], 1, 1)
+        mean = (1 - s) * self.means[None]  # (N, K, 2): where mode k's points sit at sigma
+        var = (1 - s) ** 2 * self.std ** 2 + s ** 2  # (N, 1, 1): their variance
+        d = x - mean
+        logp = torch.log(self.weights)[None] - (d ** 2).sum(-1) / (2 * var[..., 0]) - torch.log(var[..., 0])  # (N, K)
+        r = torch.softmax(logp, dim=1)
+        x0 = self.means[None] + (1 - s) * self.std ** 2 / var * d  # Gaussian conditioning, per mode
+        eps = s / var * d
+        return r, x0, eps
+
+    def velocity(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        """The marginal velocity u(x, sigma) = E[eps - x0 | x_sigma = x], (N, 2): what flow matching learns."""
+        r, x0, eps = self._posterior(x, sigma)
+        return (r[..., None] * (eps - x0)).sum(1).to(x.dtype)
+
+    def score(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        """grad log p_sigma(x) = -E[eps | x] / sigma, (N, 2) (sigma > 0)."""
+        r, _, eps = self._posterior(x, sigma)
+        s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)
+        return (-(r[..., None] * eps).sum(1) / s).to(x.dtype)
+
+
+def score_from_velocity(x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    """The score a velocity implies on the straight path: E[eps | x] = x + (1 - sigma) v, score = -E[eps | x] / sigma."""
+    s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.dim() - 1)))
+    return -(x + (1 - s) * v) / s
+
+
+@torch.no_grad()
+def sde_sample(velocity_fn: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor, churn: float,
+               generator: torch.Generator, return_trajectory: bool = False):
+    """Euler-Maruyama on the reverse SDE with the flow's marginals, from sigma = sigmas[0] to sigmas[-1].
+
+    Any diffusion coefficient g(sigma) keeps the marginals p_sigma if the drift is v - g^2/2 * score (run
+    backwards in sigma): dx = [v - g^2/2 grad log p] dsigma + g dW. Here g = churn * sigma and the score comes
+    from the velocity itself (``score_from_velocity``), so one velocity network gives both samplers. With
+    ``churn = 0`` this is ``euler_sample``, the ODE; larger churn injects more fresh noise and forgets more.
+    """
+    if churn < 0:
+        raise ValueError(f"churn must be >= 0, got {churn}")
+    x = noise.float()
+    path = [x]
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        h = s - s_next  # > 0: we walk from noise towards data
+        v = velocity_fn(x, torch.full((x.shape[0],), s, device=x.device))
+        drift = v - 0.5 * (churn * s) ** 2 * score_from_velocity(x, v, s) if s > 0 else v
+        x = x - h * drift
+        if churn > 0 and s_next > 0:
+            z = torch.randn(x.shape, generator=generator, device=generator.device).to(x)
+            x = x + churn * s * math.sqrt(h) * z
+        path.append(x)
+    return torch.stack(path) if return_trajectory else x
+
+
+def train_velocity_mlp(mixture: GaussianMixture2D, steps: int = 2000, batch: int = 512, lr: float = 2e-3,
+                       seed: int = 0, hidden: int = 128) -> tuple[VelocityMLP, list[float]]:
+    """Flow matching in 2-D: a ``VelocityMLP`` trained on the conditional target eps - x0 (``flow_matching_loss``)
+    for points of ``mixture``; returns the network and its loss per step (a few seconds on a CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = VelocityMLP(hidden=hidden)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = flow_matching_loss(net, mixture.sample(batch, g), g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return net.eval(), losses

@@ -138,7 +138,8 @@ def unet_metrics(pipe, evaluator: Evaluator, heldout: data.Scenes, n: int = 64, 
     images = pipe.generate(captions, num_steps=20, guidance_scale=guidance_scale,
                            generator=torch.Generator().manual_seed(0))
     result = prompt_adherence(images, captions, evaluator)
-    return {f"adherence_one_object_guidance_{guidance_scale:g}_ddim20": result["adherence"],
+    sampler = getattr(pipe, "sampler_name", "ddim")  # FlowSD: Euler on the flow ODE
+    return {f"adherence_one_object_guidance_{guidance_scale:g}_{sampler}20": result["adherence"],
             "per_attribute": result["per_attribute"], "n_captions": len(captions),
             "full_benchmark": "benchmarks/bench_tiny_sd.py --update-card adds the guidance sweep here"}
 

@@ -38,9 +38,10 @@ from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig, compute_scaling_factor
 from .weights import WEIGHTS_DIR, library_versions, load_clip, load_unet, load_vae, read_card, save_model
 
-MODELS = ("evaluator", "vae", "clip", "unet", "controlnet", "inpaint_unet", "personalize")  # in training order: each
-# may use the ones before. "personalize" writes lesson 10's adapters (personalize.train_adapters): ti_*, lora_*_r*,
-# dreambooth_unet.
+MODELS = ("evaluator", "vae", "clip", "unet", "controlnet", "inpaint_unet", "personalize", "flow_unet", "lcm_unet")
+# in training order: each may use the ones before. "personalize" writes lesson 10's adapters
+# (personalize.train_adapters): ti_*, lora_*_r*, dreambooth_unet. "flow_unet" (lesson 11) is the U-Net trained as a
+# rectified flow; "lcm_unet" (lesson 11) the U-Net distilled into a few-step latent consistency model (course_lib.lcm).
 
 
 # --- Training settings: one small dataclass per model. ---------------------------------------------
@@ -94,6 +95,15 @@ class UNetTraining:
     seed: int = 0
     # The learning rate is constant after warm-up (as in DDPM and SD) and the shipped weights are an
     # EMA, so the snapshot at step N equals the result of a run with steps=N: a run can be cut short.
+
+
+@dataclass
+class FlowUNetTraining(UNetTraining):
+    """The U-Net's training budget (same steps, batch, scenes, learning rate, EMA, caption dropout), with SD 3's
+    objective: rectified flow, velocity target eps - z0, plain MSE (no Min-SNR), noise levels drawn logit-normal."""
+    min_snr_gamma: float | None = None  # SD 3 weights the loss through where it samples sigma, not with a weight
+    logit_mean: float = 0.0  # sigma = sigmoid(u), u ~ N(logit_mean, logit_std^2): SD 3's eq. 19 with m = 0, s = 1
+    logit_std: float = 1.0
 
 
 @dataclass
@@ -430,6 +440,22 @@ class EncodedScenes:
         eps = torch.randn(z0.shape, generator=g, device=device)
         return add_noise(z0, eps, t, schedule), t, eps, context
 
+    def flow_batch(self, idx: torch.Tensor, logit_mean: float, logit_std: float, caption_dropout: float,
+                   g: torch.Generator):
+        """One rectified-flow batch: (z_sigma, sigma, target velocity eps - z0, text states), drawn as ``noisy_batch``
+        draws, with sigma = sigmoid(u), u ~ N(logit_mean, logit_std^2) (SD 3's logit-normal sampling)."""
+        device = self.mean.device
+        idx = idx.to(device)
+        z0 = self.scale * (self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=g,
+                                                                        device=device))
+        context = self.states[self.caption_index[idx.cpu()].to(device)]  # (B, L, width)
+        drop = torch.rand(idx.shape[0], generator=g, device=device) < caption_dropout
+        context = torch.where(drop[:, None, None], self.empty.expand_as(context), context)
+        sigma = torch.sigmoid(logit_mean + logit_std * torch.randn(idx.shape[0], generator=g, device=device))  # (B,)
+        eps = torch.randn(z0.shape, generator=g, device=device)
+        s = sigma[:, None, None, None]
+        return (1 - s) * z0 + s * eps, sigma, eps - z0, context
+
 
 def min_snr_loss(pred: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, snr: torch.Tensor,
                  gamma: float | None) -> torch.Tensor:
@@ -458,11 +484,20 @@ def train_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings
     predicts the unconditional noise that classifier-free guidance needs.
     pipeline: builds a generating pipeline from (vae, clip, unet), e.g. ``tiny_sd.TinySD.from_models``;
     with it (and an evaluator in ``out_dir``) the model card gets a quick prompt-adherence check.
+
+    With ``tc`` a ``FlowUNetTraining`` the same loop, data, budget and network learn SD 3's objective instead
+    (lesson 11): z_sigma = (1 - sigma) z0 + sigma eps with sigma = sigmoid(u), u ~ N(m, s^2), and
+    loss = |v_theta(z_sigma, 1000 sigma, text) - (eps - z0)|^2; it writes ``flow_unet`` (prediction_type
+    "flow_prediction"; pass ``flow_sd.FlowSD.from_models`` as ``pipeline``).
     """
     started = time.time()
+    flow = isinstance(tc, FlowUNetTraining)
+    name = "flow_unet" if flow else "unet"
     vae = vae if vae is not None else load_vae(out_dir, device=device)
     clip = clip if clip is not None else load_clip(out_dir, device=device)
     config = config or UNetConfig(context_dim=clip.config.width)
+    if flow:
+        config = dataclasses.replace(config, prediction_type="flow_prediction")
     if config.context_dim != clip.config.width:
         raise ValueError(f"UNetConfig.context_dim={config.context_dim} must equal the text width {clip.config.width}")
     torch.manual_seed(tc.seed)
@@ -484,10 +519,14 @@ def train_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings
         return unet_metrics(pipeline(vae, clip, unet.eval()), load_evaluator(out_dir, device=device), heldout,
                             n=tc.eval_captions)
 
-    with _bar(tc.steps, "unet", quiet) as bar:
+    with _bar(tc.steps, name, quiet) as bar:
         for step, idx in enumerate(batches(n, tc.batch_size, tc.steps, gi)):
-            zt, t, eps, context = encoded.noisy_batch(idx, schedule, tc.caption_dropout, g)
-            loss = min_snr_loss(model(zt, t, context), eps, t, snr, tc.min_snr_gamma)
+            if flow:  # SD 3: z_sigma = (1 - sigma) z0 + sigma eps, the network called at timestep 1000 sigma
+                zs, sigma, velocity, context = encoded.flow_batch(idx, tc.logit_mean, tc.logit_std, tc.caption_dropout, g)
+                loss = (model(zs, sigma * schedule.num_train_timesteps, context) - velocity).pow(2).mean()
+            else:
+                zt, t, eps, context = encoded.noisy_batch(idx, schedule, tc.caption_dropout, g)
+                loss = min_snr_loss(model(zt, t, context), eps, t, snr, tc.min_snr_gamma)
             optimiser_step(opt, loss, lr_at(step, tc.steps, tc.lr, cosine=False), model.parameters())
             ema_update(ema, model, step, tc.ema_decay)
             log.add(loss.item())
@@ -496,11 +535,17 @@ def train_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings
             if tc.snapshot_every and (step + 1) % tc.snapshot_every == 0 and step + 1 < tc.steps:
                 snap = dataclasses.replace(tc, steps=step + 1)
                 m = measure(ema)
-                save_model(ema, f"unet-step{step + 1}", config, _card(data_cfg, snap, log, m, started, device),
-                           WEIGHTS_DIR.parent / "runs" / "unet_snapshots")  # git-ignored
-                bar.write(f"unet step {step + 1}: loss {sum(log.values[-100:]) / 100:.4f}, quick adherence {m}")
+                save_model(ema, f"{name}-step{step + 1}", config, _card(data_cfg, snap, log, m, started, device),
+                           WEIGHTS_DIR.parent / "runs" / f"{name}_snapshots")  # git-ignored
+                bar.write(f"{name} step {step + 1}: loss {sum(log.values[-100:]) / 100:.4f}, quick adherence {m}")
+    train_s = round(time.time() - started, 1)
     metrics = measure(ema)
-    save_model(ema, "unet", config, _card(data_cfg, tc, log, metrics, started, device), out_dir)
+    card = _card(data_cfg, tc, log, metrics, started, device)
+    card["training_time_s"] = train_s  # before the card's adherence check
+    if flow:
+        card["objective"] = ("rectified flow: v_theta(z_sigma, 1000 sigma) ~ eps - z0, sigma = sigmoid(N(m, s^2)); "
+                             "sample with course_lib.flow_sd.FlowSD (Euler on the flow ODE)")
+    save_model(ema, name, config, card, out_dir)
     return ema
 
 
@@ -652,6 +697,9 @@ def quick_settings() -> dict:
         "unet": (UNetTraining(steps=5, batch_size=8, n_scenes=256, eval_captions=4, snapshot_every=0),
                  UNetConfig(block_channels=(16, 16), layers_per_block=1, heads=2, context_dim=32,
                             time_embed_dim=32, norm_groups=8, ff_mult=1)),
+        "flow_unet": (FlowUNetTraining(steps=5, batch_size=8, n_scenes=256, eval_captions=4, snapshot_every=0),
+                      UNetConfig(block_channels=(16, 16), layers_per_block=1, heads=2, context_dim=32,
+                                 time_embed_dim=32, norm_groups=8, ff_mult=1)),
         "inpaint_unet": (InpaintUNetTraining(steps=5, batch_size=8, n_scenes=256, eval_scenes=4, snapshot_every=0),
                          None),  # its architecture is the U-Net's, with 9 input channels
     }

@@ -59,7 +59,9 @@ class UNetConfig:
     time_embed_dim: int = 128  # timestep embedding width (SD: 4 * block_channels[0])
     norm_groups: int = 8  # GroupNorm groups (SD: 32)
     ff_mult: int = 4  # feed-forward expansion in the transformer blocks, as in SD
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # what the network was trained to output
+    # What the network was trained to output: the noise ("epsilon"), v ("v_prediction"), or the velocity of a
+    # rectified flow, noise - x0, called with timestep = 1000 * sigma ("flow_prediction", lesson 11's flow_unet).
+    prediction_type: Literal["epsilon", "v_prediction", "flow_prediction"] = "epsilon"
 
     def __post_init__(self):
         self.block_channels = tuple(self.block_channels)
@@ -74,8 +76,9 @@ class UNetConfig:
             if c % self.norm_groups or c % self.heads:
                 raise ValueError(f"block channels must divide by norm_groups ({self.norm_groups}) and heads "
                                  f"({self.heads}); got {c}")
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
+        if self.prediction_type not in ("epsilon", "v_prediction", "flow_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'flow_prediction', "
+                             f"got {self.prediction_type!r}")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -30,7 +30,8 @@ from torch import nn
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"  # the shipped weights
 CARD_VERSION = 1
-_TRAIN_COMMAND = {"evaluator": "evaluator", "vae": "vae", "clip": "clip", "unet": "unet", "inpaint_unet": "inpaint_unet"}
+_TRAIN_COMMAND = {"evaluator": "evaluator", "vae": "vae", "clip": "clip", "unet": "unet", "inpaint_unet": "inpaint_unet",
+                  "flow_unet": "flow_unet", "lcm_unet": "lcm_unet"}
 
 
 def retrain_hint(name: str) -> str:
@@ -252,6 +253,28 @@ def load_unet(weights_dir=None, device=None, dtype=None):
     from .unet import UNet, UNetConfig
 
     return load_model("unet", UNetConfig, UNet, weights_dir, device, dtype)
+
+
+def load_flow_unet(weights_dir=None, device=None, dtype=None):
+    """Lesson 11's flow-matching U-Net (``weights/flow_unet.*``): the U-Net's architecture trained as a rectified
+    flow (prediction_type "flow_prediction"); sample it with ``flow_sd.FlowSD``."""
+    from .unet import UNet, UNetConfig
+
+    model = load_model("flow_unet", UNetConfig, UNet, weights_dir, device, dtype)
+    if model.config.prediction_type != "flow_prediction":
+        raise WeightsError(f"flow_unet's card says prediction_type={model.config.prediction_type!r}, not "
+                           "'flow_prediction'. " + retrain_hint("flow_unet"))
+    return model
+
+
+def load_lcm_unet(weights_dir=None, device=None, dtype=None):
+    """Lesson 11's latent consistency model (``weights/lcm_unet.*``): the U-Net distilled for 1-4 step sampling with
+    ``lcm.LCMSD``; ``model.distilled_guidance`` is the guidance scale its card says was folded into it."""
+    from .unet import UNet, UNetConfig
+
+    model = load_model("lcm_unet", UNetConfig, UNet, weights_dir, device, dtype)
+    model.distilled_guidance = float(read_card("lcm_unet", weights_dir)["guidance_scale"])
+    return model
 
 
 def load_inpaint_unet(weights_dir=None, device=None, dtype=None):
