@@ -299,3 +299,15 @@ def train_velocity_mlp(mixture: GaussianMixture2D, steps: int = 2000, batch: int
         opt.step()
         losses.append(loss.item())
     return net.eval(), losses
+
+
+def vp_to_flow(x: torch.Tensor, alpha_bar: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A DDPM latent x_t = sqrt(ab) x0 + sqrt(1 - ab) eps, rewritten as a point of the straight path (lesson 11).
+
+    Dividing by sqrt(ab) + sqrt(1 - ab) gives (1 - sigma) x0 + sigma eps with sigma = sqrt(1 - ab) / (sqrt(ab) +
+    sqrt(1 - ab)): the same x0 and eps, so the two processes have the same marginals up to this rescaling, and a
+    DDIM path can be measured (``straightness``) in the flow's coordinates. Returns (x in flow coordinates, sigma).
+    """
+    ab = torch.as_tensor(alpha_bar, dtype=torch.float32, device=x.device)
+    norm = ab.sqrt() + (1 - ab).sqrt()
+    return x / norm, (1 - ab).sqrt() / norm

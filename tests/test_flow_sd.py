@@ -151,3 +151,12 @@ def test_flow_sd_trajectory_uniform_schedule_and_errors(flow_sd):
         flow_sd.generate("a red circle", num_steps=0)
     with pytest.raises(ValueError, match="flow-matching U-Net"):
         FlowSD.from_models(flow_sd.vae, flow_sd.clip, load_tiny_sd().unet).generate("a red circle")
+
+
+def test_vp_to_flow_puts_a_ddpm_latent_on_the_straight_path():
+    x0, eps = torch.randn(2, 3, 4, 4, generator=gen(1)), torch.randn(2, 3, 4, 4, generator=gen(2))
+    for ab in (0.9991, 0.5, 0.0047):
+        a = torch.tensor(ab)
+        x, sigma = flow.vp_to_flow(a.sqrt() * x0 + (1 - a).sqrt() * eps, a)
+        torch.testing.assert_close(x, (1 - sigma) * x0 + sigma * eps)
+        assert 0 < sigma < 1
