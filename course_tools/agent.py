@@ -17,7 +17,7 @@ budget, since the bytes may be forged), so:
 
 Probes are small deterministic test doubles (a denoiser that logs its calls, a network to count,
 a seeded generator, a seeded linear layer, the course's models random or shipped, a pipeline with a
-new token) that the checks ask the agent to build on the learner's side.
+new token, a velocity function of flow matching) that the checks ask the agent to build on the learner's side.
 """
 
 from __future__ import annotations
@@ -350,8 +350,71 @@ class ProbeNewToken:
                 "frozen_with_grad": sum(p.grad is not None for p in self._frozen)}
 
 
+def stand_in_velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``tests/test_dit.py``'s stand-in model at timestep 1000 sigma: a fixed nonlinear function of x and sigma
+    (any shape (B, ...)), which the flow checks also feed to diffusers' FlowMatchEulerDiscreteScheduler."""
+    w = torch.linspace(-1, 1, x[0].numel(), dtype=x.dtype).reshape(x.shape[1:])
+    t = (1000 * sigma).to(x.dtype).reshape(-1, *([1] * (x.dim() - 1))) / 1000  # (B, 1, ...)
+    return torch.tanh(x * w) * (1 + t) - 0.3 * x * t
+
+
+class ProbeVelocity(torch.nn.Module):
+    """A velocity function ``v(x, sigma)`` for the flow-matching exercises, strict about ``sigma`` (a tensor of shape
+    (B,), one noise level in [0, 1] per sample, as ``course_lib.flow.VelocityFn`` says), with a log of its calls
+    (batch size, smallest and largest sigma). ``kind``: "mlp", a ``flow.VelocityMLP(hidden=hidden)`` initialised from
+    ``seed`` (points (B, 2)); "stand_in", `stand_in_velocity` (any shape); "ring", the exact marginal field of
+    ``flow.GaussianMixture2D.ring()`` (points (B, 2))."""
+
+    def __init__(self, kind: str = "stand_in", seed: int = 0, hidden: int = 32):
+        super().__init__()
+        from course_lib import flow
+
+        if kind not in ("mlp", "stand_in", "ring"):
+            raise ValueError(f"kind must be 'mlp', 'stand_in' or 'ring', got {kind!r}")
+        self.kind = kind
+        if kind == "mlp":
+            with _seeded(seed):
+                self.mlp = flow.VelocityMLP(hidden=hidden)
+        self.mixture = flow.GaussianMixture2D.ring() if kind == "ring" else None
+        self.calls: list[tuple[int, float, float]] = []
+
+    def forward(self, x: torch.Tensor, sigma: Any) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 1:
+            raise TypeError(f"velocity_fn(x, sigma) takes x as a tensor (B, ...), got {type(x).__name__}")
+        b = x.shape[0]
+        if not isinstance(sigma, torch.Tensor) or tuple(sigma.shape) != (b,):
+            got = (f"a tensor of shape {tuple(sigma.shape)}" if isinstance(sigma, torch.Tensor)
+                   else f"a {type(sigma).__name__}")
+            raise ValueError(f"velocity_fn(x, sigma) takes sigma of shape (B,) = ({b},), one noise level per sample; "
+                             f"got {got}")
+        low, high = float(sigma.min()), float(sigma.max())
+        self.calls.append((b, low, high))
+        if not (0.0 <= low and high <= 1.0):
+            raise ValueError(f"velocity_fn(x, sigma) takes noise levels sigma in [0, 1]; got values from {low:g} to "
+                             f"{high:g}")
+        if self.kind == "mlp":
+            return self.mlp(x, sigma)
+        if self.kind == "ring":
+            return self.mixture.velocity(x, sigma)
+        return stand_in_velocity(x, sigma)
+
+    def gradient(self, loss_fn: Callable, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> dict:
+        """``loss_fn(self, x0, noise, sigma).backward()``: the loss, whether it kept the graph, and the gradient of
+        each of the network's parameters (None where none came)."""
+        params = dict(self.named_parameters())
+        for p in params.values():
+            p.grad = None
+        with torch.enable_grad():
+            loss = loss_fn(self, x0, noise, sigma)
+            keeps_graph = isinstance(loss, torch.Tensor) and loss.requires_grad
+            if keeps_graph:
+                loss.sum().backward()
+        return {"loss": loss, "keeps_graph": keeps_graph, "grads": {k: p.grad for k, p in params.items()}}
+
+
 PROBES: dict[str, Callable[..., Any]] = {
     "denoiser": ProbeDenoiser,
+    "velocity": ProbeVelocity,
     "network": probe_network,
     "generator": probe_generator,
     "linear": probe_linear,

@@ -975,6 +975,173 @@ def test_the_textual_inversion_checks_name_the_usual_mistakes():
     assert ".item()" in _the(fails, "a 0-dim tensor").hint
 
 
+# ----------------------------------------------------------------------------------------------
+# Lesson 11: the flow-matching loss, and Euler steps on the flow ODE
+# ----------------------------------------------------------------------------------------------
+def _fm_loss_with(target="noise - x0", path="data at 0", first_sigma=False, scalar_to_model=False, reduction="mean",
+                  unshaped=False, cut="", item=False):
+    """A learner's flow-matching loss written out by hand, right or with one of the usual mistakes."""
+
+    def flow_matching_loss(velocity_fn, x0, noise, sigma):
+        s = sigma[0] if first_sigma else sigma
+        s_b = s if unshaped or s.dim() == 0 else s.reshape(-1, *[1] * (x0.dim() - 1))
+        x_sigma = (1 - s_b) * x0 + s_b * noise if path == "data at 0" else s_b * x0 + (1 - s_b) * noise
+        if cut == "no_grad":
+            with torch.no_grad():
+                v = velocity_fn(x_sigma, sigma)
+        else:
+            v = velocity_fn(x_sigma, s if scalar_to_model else sigma)
+            v = v.detach() if cut == "detach" else v
+        err = (v - (noise - x0 if target == "noise - x0" else x0 - noise)) ** 2
+        loss = err.sum() if reduction == "sum" else err.flatten(1).sum(1).mean() if reduction == "per sample" \
+            else err.mean()
+        return loss.item() if item else loss
+
+    return flow_matching_loss
+
+
+def _euler_with(sign=1.0, at_next=False, skip_last=False, scalar=False, timestep_update=False, timestep_call=False,
+                in_place=False, trajectory=False):
+    """A learner's Euler sampler on the flow ODE written out by hand, right or with one of the usual mistakes."""
+
+    def flow_euler_sample(velocity_fn, noise, sigmas):
+        x, path = noise, [noise]
+        for i in range(len(sigmas) - 1 - int(skip_last)):
+            at = sigmas[i + 1] if at_next else sigmas[i]
+            at = at if scalar else at.expand(x.shape[0])
+            v = velocity_fn(x, 1000 * at if timestep_call else at)
+            step = sign * (sigmas[i + 1] - sigmas[i]) * (1000 if timestep_update else 1) * v
+            if in_place:
+                x += step
+            else:
+                x = x + step
+            path.append(x)
+        return torch.stack(path) if trajectory else x
+
+    return flow_euler_sample
+
+
+def test_the_flow_references_equal_the_library_and_diffusers():
+    """The checks' loss is course_lib.flow.flow_matching_loss given the same noise and sigma; their sampler is
+    flow.euler_sample and diffusers' FlowMatchEulerDiscreteScheduler loop; the stand-in velocity is tests/test_dit.py's
+    stand-in model at timestep 1000 sigma; the velocity probe is seeded, leaves the global RNG alone and refuses a
+    sigma that is not (B,) noise levels."""
+    from test_dit import stand_in_model
+
+    from course_lib import flow
+    from course_lib.checks import flow as checks
+    from course_tools.agent import ProbeVelocity
+
+    state = torch.random.get_rng_state()
+    net = ProbeVelocity("mlp", seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(net.mlp.net[0].weight, ProbeVelocity("mlp", seed=3).mlp.net[0].weight)
+    assert not torch.equal(net.mlp.net[0].weight, ProbeVelocity("mlp", seed=4).mlp.net[0].weight)
+    x0 = 2 * torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(5)
+    noise, sigma = torch.randn(x0.shape, generator=g), torch.rand(64, generator=g)  # what flow.flow_matching_loss draws
+    torch.testing.assert_close(checks.flow_matching_loss(net, x0, noise, sigma),
+                               flow.flow_matching_loss(net, x0, torch.Generator().manual_seed(5)))
+
+    stand_in = ProbeVelocity("stand_in")
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(stand_in(z, torch.tensor([0.3, 0.8])), stand_in_model(z, torch.tensor([300.0, 800.0])))
+    for shift in (1.0, 3.0):
+        for steps in (1, 4, 28):
+            sigmas = flow.flow_sigmas(steps, shift)
+            ours = checks.flow_euler_sample(stand_in, z, sigmas)
+            torch.testing.assert_close(ours, flow.euler_sample(stand_in, z, sigmas))
+            torch.testing.assert_close(ours, checks.scheduler_sample(z, steps, shift), atol=1e-5, rtol=1e-5)
+    ring = ProbeVelocity("ring")
+    points = torch.randn(5, 2, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(ring(points, torch.full((5,), 0.4)), flow.GaussianMixture2D.ring().velocity(points, 0.4))
+    with pytest.raises(ValueError, match=r"sigma of shape \(B,\)"):
+        stand_in(z, torch.tensor(0.5))
+    with pytest.raises(ValueError, match=r"sigma of shape \(B,\)"):
+        stand_in(z, 0.5)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        stand_in(z, torch.tensor([500.0, 500.0]))
+    assert [c[0] for c in stand_in.calls][-1] == 2  # the log keeps every call, refused ones included
+
+
+def test_the_flow_matching_loss_checks_name_the_usual_mistakes():
+    """Right: every point. The target x0 - noise, the path run backwards, sigma[0] for the batch, sigma not broadcast,
+    a sum, the prediction cut from the graph, a Python float: each fails the check that names it, with its hint."""
+    from course_lib.checks.flow import flow_matching_loss
+
+    name = "flow_matching_loss"
+    assert not _failures(name, name, _fm_loss_with())
+    assert not _failures(name, name, flow_matching_loss)  # the checks' own reference
+
+    fails = _failures(name, name, _fm_loss_with(target="x0 - noise"))
+    sign = _the(fails, "the target is the velocity noise - x0")
+    assert "the target x0 - noise" in sign.got and "points towards the noise" in sign.hint
+    fails = _failures(name, name, _fm_loss_with(path="noise at 0"))
+    path = _the(fails, "x_sigma = (1 - sigma) x0 + sigma noise")
+    assert "sigma x0 + (1 - sigma) noise" in path.got and "sigma = 0 is the data" in path.hint
+    fails = _failures(name, name, _fm_loss_with(first_sigma=True))
+    own = _the(fails, "each sample at its own sigma[i]")
+    assert "sigma[0] for the whole batch" in own.got and "(B, 1, ..., 1)" in own.hint
+    assert not any(n.startswith(("a 0-dim", "the target", "x_sigma =")) for n in fails)  # one shared sigma: right
+    fails = _failures(name, name, _fm_loss_with(first_sigma=True, scalar_to_model=True))
+    assert "takes sigma of shape (B,)" in _the(fails, "each sample at its own sigma[i]").got
+    assert "velocity_fn(x_sigma, sigma)" in _the(fails, "each sample at its own sigma[i]").hint
+    fails = _failures(name, name, _fm_loss_with(unshaped=True))
+    shape = _the(fails, "each sample at its own sigma[i]")
+    assert "must match the size" in shape.got and "lines up with x0's *last* dimension" in shape.hint
+    for reduction, what in (("sum", "the sum of the squared errors"), ("per sample", "each sample's squared errors")):
+        fails = _failures(name, name, _fm_loss_with(reduction=reduction))
+        mean = _the(fails, "the mean over every element")
+        assert what in mean.got and "Average over every element" in mean.hint
+    verify = [c.name for c in EXERCISES[name].checks if c.name.startswith("Verify")]
+    for cut in ("no_grad", "detach"):
+        fails = _failures(name, name, _fm_loss_with(cut=cut))
+        assert list(fails) == verify
+        assert "torch.no_grad() or .detach()" in next(iter(fails.values())).hint
+    fails = _failures(name, name, _fm_loss_with(item=True))
+    assert ".item()" in _the(fails, "a 0-dim tensor").hint
+
+
+def test_the_flow_euler_checks_name_the_usual_mistakes():
+    """Right (the checks' reference and the library's sampler too): every point. The step's sign, v at sigmas[i + 1],
+    the last step skipped, a scalar sigma, the timestep in the update or in the call, noise changed in place, the whole
+    trajectory returned: each fails the check that names it, with its hint; the ring's check catches the sign."""
+    from course_lib import flow
+    from course_lib.checks.flow import flow_euler_sample
+
+    name = "flow_euler_sample"
+    assert not _failures(name, name, _euler_with())
+    assert not _failures(name, name, flow_euler_sample)
+    assert not _failures(name, name, flow.euler_sample)
+
+    fails = _failures(name, name, _euler_with(sign=-1.0))
+    step = _the(fails, "each step is x + (sigma_next - sigma) v")
+    assert "sign flipped" in step.got and "x moves against the velocity" in step.hint
+    assert "mean radius" in _the(fails, "Verify: with the exact field").got
+    assert "velocity_fn is called once per step, at sigmas[i], with sigma of shape (B,)" not in fails
+    fails = _failures(name, name, _euler_with(at_next=True))
+    calls = _the(fails, "velocity_fn is called once per step")
+    assert "calls at sigma = [0.8, 0.6, 0.4, 0.2, 0.0]" in calls.got and "where the step starts" in calls.hint
+    assert "v evaluated at sigmas[i + 1]" in _the(fails, "equals diffusers'").got
+    fails = _failures(name, name, _euler_with(skip_last=True))
+    last = _the(fails, "the last step, down to sigma = 0, is taken")
+    assert "the last step skipped" in last.got and "range(len(sigmas) - 1)" in last.hint
+    assert "4 calls" in _the(fails, "velocity_fn is called once per step").got
+    fails = _failures(name, name, _euler_with(scalar=True))
+    calls = _the(fails, "velocity_fn is called once per step")
+    assert "takes sigma of shape (B,)" in calls.got and "(B,) tensor of noise levels" in calls.hint
+    assert len(fails) == len(EXERCISES[name].checks)
+    fails = _failures(name, name, _euler_with(timestep_update=True))
+    step = _the(fails, "each step is x + (sigma_next - sigma) v")
+    assert "the timestep 1000 sigma in the update" in step.got and "with sigma in [0, 1]" in step.hint
+    fails = _failures(name, name, _euler_with(timestep_call=True))
+    assert "in [0, 1]" in _the(fails, "equals diffusers'").got and "1000 sigma" in _the(fails, "equals diffusers'").hint
+    fails = _failures(name, name, _euler_with(in_place=True))
+    assert "in place" in _the(fails, "equals diffusers'").got
+    fails = _failures(name, name, _euler_with(trajectory=True))
+    assert "not the whole trajectory" in _the(fails, "equals diffusers'").hint
+
+
 def test_a_failed_checks_texts_are_cut_so_a_learners_object_cannot_blow_up_a_report():
     from course_tools.checking import MAX_MESSAGE_CHARS, Failed
 

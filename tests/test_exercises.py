@@ -22,7 +22,7 @@ def test_exercises_are_up_to_date():
     report = notebooks.generate(write=False)
     assert not report.stale and not report.missing and not report.orphans, (
         "exercises/ is out of date: run `python course.py exercises`", report)
-    assert len(SOLUTIONS) == 11
+    assert len(SOLUTIONS) == 12
 
 
 @pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)

@@ -27,6 +27,7 @@ against a sandboxed kernel, for the graded exercises only (`EXERCISES`). The fra
 | lineage | parameter_count (08_lineage_exercises) | lineage_numbers (08_sd_lineage) |
 | editing | img2img_timesteps, inpaint_blend_step (09_editing_exercises) | ddim_inverse_step (09_editing) |
 | personalize | lora_linear, textual_inversion_loss (10_personalize_exercises) | |
+| flow | flow_matching_loss, flow_euler_sample (11_flow_matching_exercises) | |
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from __future__ import annotations
 from typing import Any
 
 from course_tools.checking import Exercise, run_in_notebook
-from course_lib.checks import (attention, clip, controlnet, editing, guidance, lineage, personalize, pipeline, recap,
-                               samplers, training, vae)
+from course_lib.checks import (attention, clip, controlnet, editing, flow, guidance, lineage, personalize, pipeline,
+                               recap, samplers, training, vae)
 
 # Two registries of the same shape on purpose: the grader must see only EXERCISES.
 # The graded exercises, in the order of their notebooks: the grader scores these and only these.
@@ -64,6 +65,8 @@ EXERCISES: dict[str, Exercise] = {
         editing.BLEND,
         personalize.LORA,
         personalize.TI_LOSS,
+        flow.FM_LOSS,
+        flow.EULER,
     )
 }
 
