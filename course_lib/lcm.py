@@ -274,7 +274,8 @@ def distill_lcm(scenes: data.Scenes, heldout: data.Scenes, data_cfg=None, tc: LC
                  "teacher": "unet", "teacher_sha256": _sha(out_dir, "unet"), "guidance_scale": tc.guidance_scale,
                  "objective": "latent consistency distillation (Luo et al. 2023), DDIM solver, skipping step "
                               f"{schedule.num_train_timesteps // tc.original_steps}; sample with course_lib.lcm.LCMSD"})
-    save_model(student, "lcm_unet", student.config, card, out_dir)
+    card["stored_as"] = "float16 (loads as float32); the card's metrics were measured before rounding"
+    save_model(student, "lcm_unet", student.config, card, out_dir, dtype=torch.float16)  # a third U-Net: half the file
     return student
 
 

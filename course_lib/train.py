@@ -1,12 +1,13 @@
 """Train every model of the course's tiny Stable Diffusion from scratch, with one command:
 
-    python -m course_lib.train                     # everything, into weights/  (under an hour on 2 CPU cores)
+    python -m course_lib.train                     # everything, into weights/  (hours on 2 CPU cores: weights/README.md)
     python -m course_lib.train --only vae,clip     # some models (later ones load earlier ones from weights/)
     python -m course_lib.train --quick             # a seconds-long smoke run of tiny models, into runs/quick/
 
 Order matters, as in Stable Diffusion: the evaluator first (it measures the others), then the VAE
 (its latents are what diffusion works on), then CLIP (its frozen text tower conditions the U-Net),
-then the U-Net, trained on *scaled VAE latents* of the training scenes.
+then the U-Net, trained on *scaled VAE latents* of the training scenes. The models of the later lessons
+(ControlNet, inpainting, lesson 10's adapters, lesson 11's flow U-Net and consistency model) come after it.
 
 Every function here trains one model: seeded, with a tqdm progress bar, and it writes
 ``<name>.safetensors`` plus a ``<name>.json`` model card (config, data seed, steps, loss summary,
@@ -542,10 +543,11 @@ def train_unet(scenes: data.Scenes, heldout: data.Scenes, data_cfg: DataSettings
     metrics = measure(ema)
     card = _card(data_cfg, tc, log, metrics, started, device)
     card["training_time_s"] = train_s  # before the card's adherence check
-    if flow:
+    if flow:  # a second full U-Net: stored in float16 (half the file; loads as float32), as dreambooth_unet is
         card["objective"] = ("rectified flow: v_theta(z_sigma, 1000 sigma) ~ eps - z0, sigma = sigmoid(N(m, s^2)); "
                              "sample with course_lib.flow_sd.FlowSD (Euler on the flow ODE)")
-    save_model(ema, name, config, card, out_dir)
+        card["stored_as"] = "float16 (loads as float32); the card's metrics were measured before rounding"
+    save_model(ema, name, config, card, out_dir, dtype=torch.float16 if flow else torch.float32)
     return ema
 
 

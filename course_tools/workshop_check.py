@@ -53,6 +53,7 @@ LESSONS = (
     LessonCheck("notebooks/08_sd_lineage.ipynb", controls=("Euler steps",)),
     LessonCheck("notebooks/09_editing.ipynb", controls=("strength",)),
     LessonCheck("notebooks/10_personalize.ipynb", controls=("LoRA scale",)),
+    LessonCheck("notebooks/11_flow_matching.ipynb", controls=("NFE",)),
 )
 
 # Chromium flags for a closed network and a container: no first-run UI, nothing phoned home, no sandbox

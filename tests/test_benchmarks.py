@@ -64,3 +64,17 @@ def test_tiny_sd_and_controlnet_benchmarks(tmp_path, script, outputs):
     for name in outputs:
         assert (tmp_path / name).stat().st_size > 0, name
     assert json.loads((tmp_path / outputs[0]).read_text()) and "|" in out  # results and the markdown table
+
+
+def test_flow_benchmark(tmp_path):
+    """Lesson 11's comparison (DDPM vs flow at equal evaluations, straightness, LCM against its teacher) on 4 prompts."""
+    out = run("bench_flow.py", "--n", 4, "--nfe", "1,2", "--lcm-steps", "1,2", "--straight-n", 2, "--threads", 1,
+              "--assets", tmp_path)
+    results = json.loads((tmp_path / "bench_flow.json").read_text())
+    assert [r["nfe"] for r in results["equal_nfe"]] == [1, 2]
+    assert {"ddpm_ddim", "flow_euler", "flow_euler_shift3"} <= set(results["equal_nfe"][0])
+    assert 0 < results["straightness"]["flow_euler"]["mean"] <= 1
+    assert [r["passes"] for r in results["distillation"]] == [40, 2, 4, 1, 2]
+    for name in ("flow_vs_ddpm.png", "lcm_samples.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "| NFE |" in out
