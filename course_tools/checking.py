@@ -394,7 +394,12 @@ class Run:
                 raise Failed(f"{label} to be a single number", _describe(got),
                              "Reduce it (.mean(), .sum()) or take .item() of a one-element tensor.")
             got = _as_numpy(got).reshape(()).item()
-        value = float(got)
+        if isinstance(got, complex):
+            raise Failed(f"{label} to be a real number", _describe(got), None)
+        try:
+            value = float(got)
+        except OverflowError:  # an integer too large for a float
+            raise Failed(f"{label} to be a finite number", f"an integer of {len(str(got))} digits"[:80], None) from None
         if not math.isfinite(value):
             raise Failed(f"{label} to be a finite number", repr(value),
                          "A NaN usually comes from 0/0, log(0) or sqrt of a negative number.")

@@ -1118,15 +1118,15 @@ def test_the_flow_euler_checks_name_the_usual_mistakes():
     step = _the(fails, "each step is x + (sigma_next - sigma) v")
     assert "sign flipped" in step.got and "x moves against the velocity" in step.hint
     assert "mean radius" in _the(fails, "Verify: with the exact field").got
-    assert "velocity_fn is called once per step, at sigmas[i], with sigma of shape (B,)" not in fails
+    assert "sign flipped" in _the(fails, "velocity_fn is called once per step").got
     fails = _failures(name, name, _euler_with(at_next=True))
     calls = _the(fails, "velocity_fn is called once per step")
-    assert "calls at sigma = [0.8, 0.6, 0.4, 0.2, 0.0]" in calls.got and "where the step starts" in calls.hint
+    assert "v evaluated at sigmas[i + 1]" in calls.got and "where the step starts" in calls.hint
     assert "v evaluated at sigmas[i + 1]" in _the(fails, "equals diffusers'").got
     fails = _failures(name, name, _euler_with(skip_last=True))
     last = _the(fails, "the last step, down to sigma = 0, is taken")
     assert "the last step skipped" in last.got and "range(len(sigmas) - 1)" in last.hint
-    assert "4 calls" in _the(fails, "velocity_fn is called once per step").got
+    assert "the last step skipped" in _the(fails, "velocity_fn is called once per step").got
     fails = _failures(name, name, _euler_with(scalar=True))
     calls = _the(fails, "velocity_fn is called once per step")
     assert "takes sigma of shape (B,)" in calls.got and "(B,) tensor of noise levels" in calls.hint
@@ -1142,6 +1142,34 @@ def test_the_flow_euler_checks_name_the_usual_mistakes():
     assert "not the whole trajectory" in _the(fails, "equals diffusers'").hint
 
 
+def test_the_flow_euler_checks_score_samples_not_what_the_learners_process_reports():
+    """The probe's log of calls and the ring's shape can be forged from the learner's side: a sampler that writes the
+    log and returns points on the ring, without ever calling the velocity function, gets no point."""
+
+    def forged(velocity_fn, noise, sigmas):
+        velocity_fn.calls[:] = [(noise.shape[0], float(s), float(s)) for s in sigmas[:-1]]
+        if tuple(noise.shape) == (2000, 2):
+            return 2 * noise / noise.norm(dim=1, keepdim=True)  # every point on the ring, none where the ODE goes
+        return noise.clone()
+
+    fails = _failures("flow_euler_sample", "flow_euler_sample", forged)
+    assert len(fails) == len(EXERCISES["flow_euler_sample"].checks)
+    assert "point by point" in _the(fails, "Verify: with the exact field").expected
+
+
+def test_a_number_the_learner_controls_cannot_raise_inside_a_check():
+    from course_tools.checking import Failed, Run
+
+    run = Run.__new__(Run)
+    for bad in (complex(1, 2), 10 ** 400):
+        try:
+            run.number(bad, "x")
+        except Failed as err:
+            assert "x to be" in err.expected
+        else:
+            raise AssertionError(f"{bad!r} accepted")
+
+
 def test_a_failed_checks_texts_are_cut_so_a_learners_object_cannot_blow_up_a_report():
     from course_tools.checking import MAX_MESSAGE_CHARS, Failed
 
@@ -1149,3 +1177,17 @@ def test_a_failed_checks_texts_are_cut_so_a_learners_object_cannot_blow_up_a_rep
     assert len(err.got) < MAX_MESSAGE_CHARS + 60 and "more characters" in err.got
     assert len(err.hint) < MAX_MESSAGE_CHARS + 60 and len(str(err)) < 3 * MAX_MESSAGE_CHARS
     assert Failed("a", "b", None).hint is None and Failed("a", "b").got == "b"
+
+
+def test_replacing_a_probes_method_is_reported_as_suspicious_code():
+    """A probe runs in the learner's process, so a submission can replace its methods (a forged gradient() earned
+    the gradient check of flow_matching_loss in an attack); the grader reports such code to the instructor."""
+    import nbformat
+
+    from course_tools.grading.executor import _suspicious_source
+
+    for source in ("type(velocity_fn).gradient = fake", "velocity_fn.__class__.gradient = fake",
+                   "setattr(type(velocity_fn), 'gradient', fake)", "from course_tools.agent import ProbeVelocity"):
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+        assert _suspicious_source(nb), source
+    assert not _suspicious_source(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = velocity_fn(x, s)")]))

@@ -54,6 +54,10 @@ SUSPICIOUS = {  # source patterns reported to the instructor (never scored): way
     "/proc/": "reads /proc", "solutions/": "names the solutions folder", "course_lib.checks": "imports the checks",
     "os._exit": "exits the process", "sys.modules": "edits sys.modules",
     "course_tools.agent": "imports the grader's agent (its probes answer the checks)",
+    # A probe's methods run in the learner's process: replacing them (through the object's class) makes them lie.
+    "ProbeVelocity": "names a grader's probe class", ").gradient =": "replaces a probe's gradient method",
+    ".gradient=": "replaces a probe's gradient method", "__class__": "reaches an object's class",
+    "setattr(type(": "replaces a method of an object's class",
 }
 
 
