@@ -172,7 +172,7 @@ def main(argv=None):
         print(f"| {k} | {s.mean().item():.3f} | {s.min().item():.3f} |")
 
     print(f"\n## 4. Distillation: LCM against its teacher (FID and one-object adherence as in 2; seconds for "
-          f"16 images, one thread each)\n")
+          f"16 images on {torch.get_num_threads()} torch thread(s))\n")
     print("| sampler | steps | network passes | FID | one object | seconds / 16 images |")
     print("|---|---:|---:|---:|---:|---:|")
     lcm_rows = []
