@@ -23,9 +23,9 @@ from course_tools import workshop_check as wc
 
 pytestmark = pytest.mark.browser
 
-# The whole module (server start, every lesson, teardown) must end within 8 minutes: lesson 10 alone trains three
-# models live (about 2.5 minutes in the browser).
-MODULE_BUDGET_S = 450.0
+# The whole module (server start, every lesson, teardown) must end within 9 minutes: lesson 10 alone trains three
+# models live (about 2.5 minutes in the browser); lesson 11 adds about half a minute.
+MODULE_BUDGET_S = 510.0
 
 
 def _unavailable(reason: str):
@@ -72,7 +72,7 @@ def test_the_browser_check_covers_lesson_0_and_widgets():
     assert any(lesson.controls for lesson in lessons), "at least one checked lesson must move a widget"
 
 
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(540)
 @pytest.mark.parametrize("lesson", wc.available_lessons(), ids=lambda lesson: Path(lesson.notebook).stem)
 def test_lesson_runs_in_jupyterlab(lab, lesson):
     report = wc.check_lesson(lab.server, lab.browser, lesson, lab.deadline)
