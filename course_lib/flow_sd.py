@@ -69,18 +69,8 @@ class FlowSD(TinySD):
         if not w >= 1.0 or w != w or w == float("inf"):
             raise ValueError(f"guidance_scale must be >= 1 (1 means no guidance), got {guidance_scale}")
         b = len(prompts)
-        negative = [""] * b if negative_prompt is None else (
-            [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt))
-        if len(negative) != b:
-            raise ValueError(f"got {b} prompts but {len(negative)} negative prompts")
-        cond = self.encode_prompt(prompts)
-        uncond = self.encode_prompt(negative) if w != 1.0 else None
-        shape = self.latent_shape(b)
-        if latents is None:
-            g_device = generator.device if generator is not None else torch.device("cpu")
-            latents = torch.randn(shape, generator=generator, device=g_device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        cond, uncond = self.prompt_states(prompts, negative_prompt, guided=w != 1.0)
+        latents = self.starting_latents(b, latents, generator)
         model = guided_model(self.unet, cond, uncond, w)
         sigmas = (flow_sigmas(num_steps, shift, NUM_TRAIN_TIMESTEPS) if schedule == "diffusers"
                   else uniform_sigmas(num_steps, shift))

@@ -140,13 +140,8 @@ class LCMSD(TinySD):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("give at least one prompt")
-        cond = self.encode_prompt(prompts)
-        shape = self.latent_shape(len(prompts))
-        if latents is None:
-            g_device = generator.device if generator is not None else torch.device("cpu")
-            latents = torch.randn(shape, generator=generator, device=g_device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        cond, _ = self.prompt_states(prompts, None, guided=False)
+        latents = self.starting_latents(len(prompts), latents, generator)
         z = lcm_sample(lambda x, t: self.unet(x.to(self.dtype), t, cond), latents.to(self.device), num_steps,
                        self.schedule, generator, callback)
         images = self.decode_latents(z.to(self.dtype))

@@ -85,6 +85,26 @@ class TinySD:
         side = 64 // self.vae.config.downsample_factor
         return (batch, self.vae.config.latent_channels, side, side)
 
+    def prompt_states(self, prompts: list[str], negative_prompt: str | list[str] | None, guided: bool):
+        """(cond, uncond): the text states of the prompts and of the negative prompts ("" by default), the latter
+        None when ``guided`` is False (no unconditional pass is needed)."""
+        b = len(prompts)
+        negative = [""] * b if negative_prompt is None else (
+            [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt))
+        if len(negative) != b:
+            raise ValueError(f"got {b} prompts but {len(negative)} negative prompts")
+        return self.encode_prompt(prompts), (self.encode_prompt(negative) if guided else None)
+
+    def starting_latents(self, batch: int, latents: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+        """``latents`` checked against the latent shape, or fresh N(0, I) float32 noise from ``generator``."""
+        shape = self.latent_shape(batch)
+        if latents is None:
+            g_device = generator.device if generator is not None else torch.device("cpu")
+            return torch.randn(shape, generator=generator, device=g_device, dtype=torch.float32)
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        return latents
+
     def generate(self, prompts: str | list[str], num_steps: int = 20, guidance_scale: float | list[float] | torch.Tensor = DEFAULT_GUIDANCE,
                  negative_prompt: str | list[str] | None = None, sampler: str = "ddim",
                  generator: torch.Generator | None = None, callback: Callable | None = None,
@@ -122,20 +142,8 @@ class TinySD:
                              f"{tuple(scales.shape)}")
         if not torch.isfinite(scales).all() or (scales < 1.0).any():
             raise ValueError(f"guidance_scale must be >= 1 (1 means no guidance), got {guidance_scale}")
-        b = len(prompts)
-        negative = [""] * b if negative_prompt is None else (
-            [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt))
-        if len(negative) != b:
-            raise ValueError(f"got {b} prompts but {len(negative)} negative prompts")
-        cond = self.encode_prompt(prompts)
-        uncond = self.encode_prompt(negative) if (scales != 1.0).any() else None
-        shape = self.latent_shape(b)
-        if latents is None:
-            g_device = generator.device if generator is not None else torch.device("cpu")
-            latents = torch.randn(shape, generator=generator, device=g_device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        x = latents.to(self.device, self.dtype)
+        cond, uncond = self.prompt_states(prompts, negative_prompt, guided=bool((scales != 1.0).any()))
+        x = self.starting_latents(len(prompts), latents, generator).to(self.device, self.dtype)
         scale = float(scales) if scales.ndim == 0 else scales.to(self.device)
         model = guided_model(self.unet, cond, uncond, scale, guidance_rescale, rescale_space=rescale_space,
                              schedule=self.schedule)

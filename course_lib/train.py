@@ -423,6 +423,17 @@ class EncodedScenes:
         states, caption_index, empty = encode_captions(clip, scenes.captions[:n], device)
         return cls(mean, std, vae.config.scaling_factor, states, caption_index, empty)
 
+    def clean_batch(self, idx: torch.Tensor, caption_dropout: float, g: torch.Generator):
+        """(z0, text states) of scenes ``idx``: a fresh posterior sample of each, scaled, and their captions' states
+        with a share ``caption_dropout`` replaced by the states of "" (drawn from ``g`` in that order)."""
+        device = self.mean.device
+        idx = idx.to(device)
+        z0 = self.scale * (self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=g,
+                                                                        device=device))
+        context = self.states[self.caption_index[idx.cpu()].to(device)]  # (B, L, width)
+        drop = torch.rand(idx.shape[0], generator=g, device=device) < caption_dropout
+        return z0, torch.where(drop[:, None, None], self.empty.expand_as(context), context)
+
     def noisy_batch(self, idx: torch.Tensor, schedule, caption_dropout: float, g: torch.Generator):
         """One training batch: (z_t, t, eps, text states), every draw from ``g`` in a fixed order.
 
@@ -430,13 +441,8 @@ class EncodedScenes:
         ``caption_dropout`` of the captions becomes "", so the network also learns the
         unconditional prediction that classifier-free guidance needs.
         """
-        device = self.mean.device
-        idx = idx.to(device)
-        z0 = self.scale * (self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=g,
-                                                                        device=device))
-        context = self.states[self.caption_index[idx.cpu()].to(device)]  # (B, L, width)
-        drop = torch.rand(idx.shape[0], generator=g, device=device) < caption_dropout
-        context = torch.where(drop[:, None, None], self.empty.expand_as(context), context)
+        z0, context = self.clean_batch(idx, caption_dropout, g)
+        device = z0.device
         t = torch.randint(0, schedule.num_train_timesteps, (idx.shape[0],), generator=g, device=device)
         eps = torch.randn(z0.shape, generator=g, device=device)
         return add_noise(z0, eps, t, schedule), t, eps, context
@@ -445,13 +451,8 @@ class EncodedScenes:
                    g: torch.Generator):
         """One rectified-flow batch: (z_sigma, sigma, target velocity eps - z0, text states), drawn as ``noisy_batch``
         draws, with sigma = sigmoid(u), u ~ N(logit_mean, logit_std^2) (SD 3's logit-normal sampling)."""
-        device = self.mean.device
-        idx = idx.to(device)
-        z0 = self.scale * (self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=g,
-                                                                        device=device))
-        context = self.states[self.caption_index[idx.cpu()].to(device)]  # (B, L, width)
-        drop = torch.rand(idx.shape[0], generator=g, device=device) < caption_dropout
-        context = torch.where(drop[:, None, None], self.empty.expand_as(context), context)
+        z0, context = self.clean_batch(idx, caption_dropout, g)
+        device = z0.device
         sigma = torch.sigmoid(logit_mean + logit_std * torch.randn(idx.shape[0], generator=g, device=device))  # (B,)
         eps = torch.randn(z0.shape, generator=g, device=device)
         s = sigma[:, None, None, None]
