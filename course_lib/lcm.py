@@ -213,7 +213,7 @@ def distill_lcm(scenes: data.Scenes, heldout: data.Scenes, data_cfg=None, tc: LC
     the student learns by ``distillation_loss``, the target follows it as an EMA, the student is shipped.
     Writes ``lcm_unet.safetensors`` and its card (with a quick 4-step adherence check when an evaluator is there)."""
     from .evaluator import load_evaluator, prompt_adherence
-    from .train import DataSettings, EncodedScenes, LossLog, _bar, _card, batches, lr_at
+    from .train import DataSettings, EncodedScenes, LossLog, _bar, _card, _sha_or_none, batches, lr_at
 
     tc = tc or LCMTraining()
     data_cfg = data_cfg or DataSettings()
@@ -266,18 +266,10 @@ def distill_lcm(scenes: data.Scenes, heldout: data.Scenes, data_cfg=None, tc: LC
     card = _card(data_cfg, tc, log, metrics, started, device)
     card.update({"training_time_s": round(prep_s + train_s, 1), "cpu_time_s": round(time.process_time() - cpu_started, 1),
                  "wall_time_breakdown_s": {"pre_encode": round(prep_s, 1), "distil": round(train_s, 1)},
-                 "teacher": "unet", "teacher_sha256": _sha(out_dir, "unet"), "guidance_scale": tc.guidance_scale,
+                 "teacher": "unet", "teacher_sha256": _sha_or_none(out_dir, "unet"), "guidance_scale": tc.guidance_scale,
                  "objective": "latent consistency distillation (Luo et al. 2023), DDIM solver, skipping step "
                               f"{schedule.num_train_timesteps // tc.original_steps}; sample with course_lib.lcm.LCMSD"})
     card["stored_as"] = "float16 (loads as float32); the card's metrics were measured before rounding"
     save_model(student, "lcm_unet", student.config, card, out_dir, dtype=torch.float16)  # a third U-Net: half the file
     return student
 
-
-def _sha(out_dir, name: str) -> str | None:
-    from .weights import read_card
-
-    try:
-        return read_card(name, out_dir).get("sha256")
-    except (FileNotFoundError, ValueError):
-        return None
